@@ -1,0 +1,13 @@
+"""fusedops: fused GPU kernels for PyTorch, in CUDA C++ and Triton.
+
+The public API, nothing else. See the README for the support matrix and DESIGN.md for the
+path of one call.
+"""
+
+from fusedops import nn
+from fusedops.dispatch import backends, use_backend
+from fusedops.ops.cross_entropy import cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "cross_entropy", "nn", "use_backend"]

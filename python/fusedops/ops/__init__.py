@@ -1,0 +1,1 @@
+"""One module per op family: argument checks, the autograd.Function, the functional API."""
