@@ -69,6 +69,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_targets_in_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ValueError for a class outside [0, C) that is not ignore_index (a host sync)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(f"fusedops.cross_entropy: target contains class {value}, outside "
+                         f"[0, {num_classes}) and not ignore_index={ignore_index}")
+
+
 # --- fake (meta) implementations: shapes and dtypes only --------------------------------
 
 

@@ -20,7 +20,7 @@ import os
 import torch
 
 from fusedops import dispatch
-from fusedops.dispatch import contract, torch_ref
+from fusedops.dispatch import contract
 
 _REDUCTIONS = ("mean", "sum", "none")
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,7 +52,8 @@ def _check_arguments(input, target, weight, ignore_index, reduction, label_smoot
                               f"{tuple(input.shape)}, got {tuple(target.shape)}")
     else:
         if target.dtype not in _INDEX_DTYPES:
-            _fail(TypeError, f"class-index target must be int64, int32 or uint8, got {target.dtype}")
+            _fail(TypeError, f"class-index target must be int64, int32 or uint8, "
+                             f"got {target.dtype}")
         expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
         if target.shape != expected:
             _fail(ValueError, f"class-index target must have shape {tuple(expected)} for input "
@@ -82,15 +83,6 @@ def _check_arguments(input, target, weight, ignore_index, reduction, label_smoot
         _fail(TypeError, f"inplace_backward must be a bool, got {inplace_backward!r}")
 
 
-def _debug_check_targets(target, num_classes, ignore_index):
-    """FUSEDOPS_DEBUG=1: turn an out-of-range class into an error (costs a host sync)."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        _fail(ValueError, f"target contains class {value}, outside [0, {num_classes}) and not "
-                          f"ignore_index={ignore_index}")
-
-
 class CrossEntropyFunction(torch.autograd.Function):
     """Per-row losses of class-index targets: one ce_fwd launch forward, one ce_bwd back."""
 
@@ -111,8 +103,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, target, weight, lse = ctx.saved_tensors
         tier_name, ignore_index, label_smoothing, z_loss, softcap, inplace = ctx.options
         grad_loss = grad_loss.to(lse.dtype).contiguous()
-        grad = dispatch.TIERS[tier_name].ce_bwd(logits, target, weight, lse, grad_loss, ignore_index,
-                           label_smoothing, z_loss, softcap, inplace)
+        grad = dispatch.TIERS[tier_name].ce_bwd(logits, target, weight, lse, grad_loss,
+                                                ignore_index, label_smoothing, z_loss, softcap,
+                                                inplace)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -120,19 +113,20 @@ class CrossEntropyProbsFunction(torch.autograd.Function):
     """Per-row losses of class-probability targets (torch tier), with the target's gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, label_smoothing, z_loss, softcap):
-        loss, lse = torch_ref.ce_probs_fwd(logits, target, weight, label_smoothing, z_loss,
-                                           softcap)
+    def forward(ctx, logits, target, weight, tier_name, label_smoothing, z_loss, softcap):
+        tier = dispatch.TIERS[tier_name]
+        loss, lse = tier.ce_probs_fwd(logits, target, weight, label_smoothing, z_loss, softcap)
         ctx.save_for_backward(logits, target, weight, lse)
-        ctx.options = (label_smoothing, z_loss, softcap)
+        ctx.options = (tier_name, label_smoothing, z_loss, softcap)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, target, weight, lse = ctx.saved_tensors
-        grad_logits, grad_target = torch_ref.ce_probs_bwd(logits, target, weight, lse, grad_loss,
-                                                          *ctx.options)
-        return grad_logits, grad_target, None, None, None, None
+        tier_name, *options = ctx.options
+        grad_logits, grad_target = dispatch.TIERS[tier_name].ce_probs_bwd(
+            logits, target, weight, lse, grad_loss, *options)
+        return grad_logits, grad_target, None, None, None, None, None
 
 
 def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean",
@@ -182,14 +176,14 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 
     if probability_target:
         # Only the torch tier covers probability targets: this raises if another is forced.
-        dispatch.select("cross_entropy", logits.device, lambda t: t.ce_unsupported(
+        tier = dispatch.select("cross_entropy", logits.device, lambda t: t.ce_unsupported(
             logits, target, probability_target=True))
-        row_loss = CrossEntropyProbsFunction.apply(logits, target, weight, label_smoothing,
-                                                   z_loss, softcap)
+        row_loss = CrossEntropyProbsFunction.apply(logits, target, weight, tier.NAME,
+                                                   label_smoothing, z_loss, softcap)
         denominator = logits.shape[0]
     else:
         if logits.device.type == "cuda" and os.environ.get("FUSEDOPS_DEBUG") == "1":
-            _debug_check_targets(target, num_classes, ignore_index)
+            contract.check_targets_in_range(target, num_classes, ignore_index)  # host sync
         tier = dispatch.select("cross_entropy", logits.device, lambda t: t.ce_unsupported(
             logits, target, probability_target=False))
         row_loss = CrossEntropyFunction.apply(logits, target, weight, tier.NAME, ignore_index,
