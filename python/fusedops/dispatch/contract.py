@@ -56,11 +56,10 @@ defines its ops in C++ (``TORCH_LIBRARY``) and only registers the fakes here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
-
 import math
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 

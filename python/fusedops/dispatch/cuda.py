@@ -1,0 +1,94 @@
+"""The CUDA tier: the kernel-level contract on the CUDA C++ kernels of csrc/.
+
+The ops themselves (``torch.ops.fusedops.ce_fwd_cuda`` etc.) are defined and implemented in
+C++ (csrc/bindings.cpp). Nothing is loaded when this module is imported: the first call of
+``load()`` (or of a kernel-level function) loads ``fusedops._C`` through
+``fusedops._extension`` — the installed build, or a JIT build on first use — and attaches
+the contract's fake implementations so that ``torch.compile`` can trace the ops.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+
+import torch
+
+from fusedops import _extension
+from fusedops.dispatch import contract
+
+NAME = "cuda"
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_MAX_EXTENT = 2**31 - 1  # one thread block per row, int column indices
+_lock = threading.Lock()
+_ops: contract.CrossEntropyOps | None = None
+
+
+# Under torch.compile, dynamo runs the two functions marked assume_constant_result for real
+# at trace time and bakes in their result, instead of tracing through file-system lookups,
+# a lock and a possible JIT build; the ops they make available are then traced as usual.
+
+
+@torch.compiler.assume_constant_result
+def availability() -> str | None:
+    """None when the CUDA kernels can run here, else why not (cheap: never builds)."""
+    return _extension.availability()
+
+
+def load() -> ModuleType:
+    """Load ``fusedops._C`` and register the fakes of its ops (once). Needs no GPU."""
+    global _ops
+    module = _extension.load()
+    if _ops is None:
+        with _lock:
+            if _ops is None:
+                _ops = contract.register_cross_entropy_fakes(NAME)
+    return module
+
+
+@torch.compiler.assume_constant_result
+def _ensure_loaded() -> bool:
+    if _ops is None:
+        load()
+    return True
+
+
+def _cross_entropy_ops() -> contract.CrossEntropyOps:
+    _ensure_loaded()
+    return contract.CrossEntropyOps(torch.ops.fusedops.ce_fwd_cuda.default,
+                                    torch.ops.fusedops.ce_bwd_cuda.default,
+                                    torch.ops.fusedops.ce_bwd_inplace_cuda.default)
+
+
+def ce_unsupported(logits: torch.Tensor, target: torch.Tensor, *, probability_target: bool
+                   ) -> str | None:
+    """None when the CUDA kernels cover this call, else the reason."""
+    if probability_target:
+        return "class-probability targets are not implemented in the CUDA kernels"
+    if logits.device.type != "cuda" or target.device.type != "cuda":
+        return f"the tensors are on {logits.device}, not on a CUDA device"
+    if logits.dtype not in _LOGIT_DTYPES:
+        return f"{logits.dtype} logits are not supported (float32, float16, bfloat16 are)"
+    if target.dtype not in _INDEX_DTYPES:
+        return f"{target.dtype} targets are not supported (int64, int32 are)"
+    if logits.dim() != 2:
+        return f"logits must be 2-D (rows, classes), got shape {tuple(logits.shape)}"
+    rows, classes = logits.shape
+    if logits.stride(1) != 1 and classes > 1:
+        return f"the class dimension is not contiguous (strides {logits.stride()})"
+    if rows > _MAX_EXTENT or classes > _MAX_EXTENT:
+        return f"shape {tuple(logits.shape)}: rows and classes must each be below 2**31"
+    return None
+
+
+def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    return _cross_entropy_ops().fwd(logits, target, weight, ignore_index, label_smoothing,
+                                    z_loss, softcap)
+
+
+def ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap,
+           inplace):
+    return contract.run_ce_bwd(_cross_entropy_ops(), logits, target, weight, lse, grad_loss,
+                               ignore_index, label_smoothing, z_loss, softcap, inplace)
