@@ -1,0 +1,67 @@
+"""The package and the build: layout, the one loader of fusedops._C, the ops' schemas."""
+
+import importlib
+import importlib.util
+
+import pytest
+import torch
+
+import fusedops
+from fusedops import _extension
+from fusedops.dispatch import contract
+
+_C_BUILT = importlib.util.find_spec("fusedops._C") is not None
+
+
+def test_triton_kernels_is_a_subpackage_of_fusedops():
+    import fusedops.triton_kernels as kernels
+
+    assert kernels.__name__ == "fusedops.triton_kernels"
+    # Triton's own project uses the top-level name; we never install one.
+    spec = importlib.util.find_spec("triton_kernels")
+    assert spec is None or "fusedops" not in str(spec.origin)
+
+
+def test_public_api_names():
+    for name in ("cross_entropy", "use_backend", "backends", "nn"):
+        assert hasattr(fusedops, name), name
+    assert issubclass(fusedops.nn.CrossEntropyLoss, torch.nn.CrossEntropyLoss)
+
+
+def test_importing_fusedops_does_not_build_or_need_a_gpu():
+    reason = _extension.availability()
+    if torch.cuda.is_available():
+        return
+    assert reason is not None and "CUDA" in reason
+
+
+@pytest.mark.skipif(not _C_BUILT, reason="fusedops._C was not built ahead of time here")
+def test_cuda_ops_match_the_contract_schemas():
+    from fusedops.dispatch import cuda
+
+    cuda.load()
+    for op, schema in contract.SCHEMAS.items():
+        handle = getattr(torch.ops.fusedops, f"{op}_cuda").default
+        declared = str(handle._schema)
+        expected = f"fusedops::{op}_cuda{schema}"
+        assert declared.replace(" ", "") == expected.replace(" ", ""), (declared, expected)
+
+
+@pytest.mark.skipif(not _C_BUILT, reason="fusedops._C was not built ahead of time here")
+def test_cuda_fakes_trace_on_meta_tensors():
+    from fusedops.dispatch import cuda
+
+    cuda.load()
+    logits = torch.empty(7, 50257, dtype=torch.bfloat16, device="meta")
+    target = torch.empty(7, dtype=torch.int32, device="meta")
+    loss, lse = torch.ops.fusedops.ce_fwd_cuda(logits, target, None, -100, 0.0, 0.0, 0.0)
+    assert loss.shape == lse.shape == (7,) and loss.dtype == torch.float32
+    grad = torch.ops.fusedops.ce_bwd_cuda(logits, target, None, lse, loss, -100, 0.0, 0.0, 0.0)
+    assert grad.shape == logits.shape and grad.dtype == logits.dtype
+
+
+@pytest.mark.skipif(not _C_BUILT, reason="fusedops._C was not built ahead of time here")
+def test_build_info_names_the_arches():
+    info = _extension.build_info()
+    text = str(info)
+    assert "sm_90a" in text and "sm_80" in text, info
