@@ -28,6 +28,30 @@ def test_public_api_names():
     assert issubclass(fusedops.nn.CrossEntropyLoss, torch.nn.CrossEntropyLoss)
 
 
+def test_importing_fusedops_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, fusedops; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["False", "False"], result.stdout
+
+
+def test_our_constant_marker_is_the_one_torch_compile_reads():
+    from fusedops._compile import assume_constant_result
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    torch.compiler.assume_constant_result(theirs)
+    assume_constant_result(ours)
+    assert vars(ours) == vars(theirs) and vars(theirs)
+
+
 def test_importing_fusedops_does_not_build_or_need_a_gpu():
     reason = _extension.availability()
     if torch.cuda.is_available():

@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 
 from fusedops import _extension
+from fusedops._compile import assume_constant_result
 from fusedops.dispatch import contract
 
 NAME = "cuda"
@@ -31,7 +32,7 @@ _ops: contract.CrossEntropyOps | None = None
 # a lock and a possible JIT build; the ops they make available are then traced as usual.
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def availability() -> str | None:
     """None when the CUDA kernels can run here, else why not (cheap: never builds)."""
     return _extension.availability()
@@ -48,7 +49,7 @@ def load() -> ModuleType:
     return module
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _ensure_loaded() -> bool:
     if _ops is None:
         load()

@@ -1,0 +1,7 @@
+"""``python -m fusedops.benchmarks`` is ``fusedops-bench``."""
+
+import sys
+
+from .report import main
+
+sys.exit(main())
