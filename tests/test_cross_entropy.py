@@ -268,7 +268,8 @@ def test_module_is_a_drop_in(tier):
     with fusedops.use_backend(tier):
         value = ours(logits, target)
     assert_close(value, theirs.double()(logits.double(), target), torch.float32, "module")
-    legacy = fusedops.nn.CrossEntropyLoss(size_average=False)
+    with pytest.warns(UserWarning, match="size_average"):  # as torch warns
+        legacy = fusedops.nn.CrossEntropyLoss(size_average=False)
     assert legacy.reduction == "sum"
     capped = fusedops.nn.CrossEntropyLoss(z_loss=1e-3, softcap=10.0, reduction="none")
     with fusedops.use_backend(tier):

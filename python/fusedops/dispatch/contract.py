@@ -180,6 +180,20 @@ def register_cross_entropy_fakes(tier: str) -> CrossEntropyOps:
                            getattr(ops, f"ce_bwd_inplace_{tier}").default)
 
 
+def tier_functions(ops: CrossEntropyOps):
+    """A tier's ``ce_fwd`` and ``ce_bwd`` (with ``inplace``) over its custom ops."""
+
+    def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+        return ops.fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+
+    def ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss,
+               softcap, inplace):
+        return run_ce_bwd(ops, logits, target, weight, lse, grad_loss, ignore_index,
+                          label_smoothing, z_loss, softcap, inplace)
+
+    return ce_fwd, ce_bwd
+
+
 def run_ce_bwd(ops: CrossEntropyOps, logits, target, weight, lse, grad_loss, ignore_index,
                label_smoothing, z_loss, softcap, inplace):
     """The tier-level ``ce_bwd``: picks the in-place or out-of-place custom op."""

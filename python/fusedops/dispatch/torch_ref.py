@@ -75,9 +75,10 @@ def _ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothin
     z = softcapped(logits.to(acc), softcap)
     lse = lse.to(acc)
     p = torch.exp(z - lse[:, None])
-    grad = (target_weight * ((1.0 - label_smoothing) + 2.0 * z_loss * lse))[:, None] * p
-    grad.scatter_add_(1, safe_target[:, None],
-                      (-(1.0 - label_smoothing) * target_weight)[:, None])
+    # p - onehot(t) first, then the scales: a confident row (p_t ~ 1) keeps its digits.
+    p_minus_onehot = p.scatter_add(1, safe_target[:, None], -torch.ones_like(p[:, :1]))
+    grad = target_weight[:, None] * ((1.0 - label_smoothing) * p_minus_onehot
+                                     + (2.0 * z_loss * lse)[:, None] * p)
     if label_smoothing:
         if weight is None:
             grad += (label_smoothing / num_classes) * (num_classes * p - 1.0)
@@ -92,17 +93,8 @@ def _ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothin
     out.copy_(grad)
 
 
-_ops = contract.register_cross_entropy_ops(NAME, _ce_fwd, _ce_bwd)
-
-
-def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
-    return _ops.fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
-
-
-def ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap,
-           inplace):
-    return contract.run_ce_bwd(_ops, logits, target, weight, lse, grad_loss, ignore_index,
-                               label_smoothing, z_loss, softcap, inplace)
+ce_fwd, ce_bwd = contract.tier_functions(
+    contract.register_cross_entropy_ops(NAME, _ce_fwd, _ce_bwd))
 
 
 # --- probability targets (this tier only) -------------------------------------------------

@@ -105,14 +105,5 @@ def _ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothin
                              softcap, out)
 
 
-_ops = contract.register_cross_entropy_ops(NAME, _ce_fwd, _ce_bwd)
-
-
-def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
-    return _ops.fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
-
-
-def ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap,
-           inplace):
-    return contract.run_ce_bwd(_ops, logits, target, weight, lse, grad_loss, ignore_index,
-                               label_smoothing, z_loss, softcap, inplace)
+ce_fwd, ce_bwd = contract.tier_functions(
+    contract.register_cross_entropy_ops(NAME, _ce_fwd, _ce_bwd))
