@@ -22,12 +22,6 @@ if HAS_CUDA:
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _skip_unsupported(tier, dtype):
-    # Triton's interpreter computes bf16 through numpy, which has no bf16: GPU only there.
-    if tier == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
-        pytest.skip("bf16 in the Triton interpreter is not trusted; covered on the GPU")
-
-
 def make_inputs(rows, classes, dtype, *, ignore_fraction=0.0, weighted=False, scale=4.0,
                 target_dtype=torch.int64, row_padding=0, generator=None):
     """Random logits (optionally a column slice of a wider tensor), targets and class weights."""
@@ -36,6 +30,7 @@ def make_inputs(rows, classes, dtype, *, ignore_fraction=0.0, weighted=False, sc
     target = torch.randint(0, classes, (rows,), generator=generator)
     if ignore_fraction:
         target[torch.rand(rows, generator=generator) < ignore_fraction] = -100
+        target[0] = 0  # at least one counted row: all-ignored batches have their own test
     weight = (torch.rand(classes, generator=generator) + 0.5).to(DEVICE) if weighted else None
     return logits, target.to(DEVICE, target_dtype), weight
 
@@ -86,7 +81,6 @@ def check_against_reference(tier, logits, target, weight=None, *, dtype, factor=
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_values_and_gradients(tier, dtype, shape, reduction):
-    _skip_unsupported(tier, dtype)
     logits, target, _ = make_inputs(*shape, dtype)
     check_against_reference(tier, logits, target, dtype=dtype, reduction=reduction)
 
@@ -140,9 +134,12 @@ def test_all_ignored_mean_is_nan_with_zero_gradient(tier):
     target.fill_(-100)
     x = logits.clone().requires_grad_()
     with fusedops.use_backend(tier):
-        loss = fusedops.cross_entropy(x, target)
+        loss = fusedops.cross_entropy(x, target, label_smoothing=0.1)
     assert torch.isnan(loss)
     assert torch.isnan(F.cross_entropy(logits, target))
+    loss.backward()  # torch passes a zero gradient here too
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    x.grad = None
     with fusedops.use_backend(tier):
         total = fusedops.cross_entropy(x, target, reduction="sum")
     total.backward()
@@ -164,6 +161,25 @@ def test_inplace_backward_writes_gradient_over_logits(tier, dtype):
     assert_close(leaf.grad, x64.grad, dtype, "grad")
     # The gradient now lives in the logits' storage.
     assert_close(x.detach(), x64.grad, dtype, "logits storage")
+
+
+def test_deterministic_algorithms_give_identical_results(tier):
+    logits, target, weight = make_inputs(5, 1037, torch.float32, weighted=True,
+                                         ignore_fraction=0.3)
+    results = []
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            x = logits.detach().clone().requires_grad_()
+            with fusedops.use_backend(tier):
+                loss = fusedops.cross_entropy(x, target, weight, label_smoothing=0.1)
+            loss.backward()
+            results.append((loss.detach(), x.grad))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
 
 
 def test_input_is_never_modified(tier):

@@ -76,7 +76,9 @@ def _ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothin
     lse = lse.to(acc)
     p = torch.exp(z - lse[:, None])
     # p - onehot(t) first, then the scales: a confident row (p_t ~ 1) keeps its digits.
-    p_minus_onehot = p.scatter_add(1, safe_target[:, None], -torch.ones_like(p[:, :1]))
+    # (A comparison, not scatter_add: deterministic on every device.)
+    is_target = torch.arange(num_classes, device=p.device) == safe_target[:, None]
+    p_minus_onehot = torch.where(is_target, p - 1.0, p)
     grad = target_weight[:, None] * ((1.0 - label_smoothing) * p_minus_onehot
                                      + (2.0 * z_loss * lse)[:, None] * p)
     if label_smoothing:
