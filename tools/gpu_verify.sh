@@ -10,7 +10,8 @@
 #
 #   tests      python -m pytest tests -m "gpu or not gpu"              -> tests.log
 #   sanitizer  compute-sanitizer --tool memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) on
-#              python -m pytest $SANITIZER_TESTS -m "gpu and not large" -> sanitizer.log
+#              python -m pytest $SANITIZER_TESTS -m "not large"         -> sanitizer.log
+#              (the op tests: on a CUDA machine every parity test runs on the GPU)
 #   bench      fusedops-bench $BENCH_ARGS (default --quick)             -> bench.log
 #
 # Each stage runs under `timeout`, bounded by what is left of the call's budget
@@ -39,7 +40,7 @@
 # (reuse an install made by an earlier call on the same warm machine), TORCH_CUDA_ARCH_LIST
 # (default: setup.py's, sm_80 + sm_90a + PTX), MAX_JOBS (default: all cores), TEST_PATHS
 # (default "tests"), PYTEST_ARGS (extra pytest arguments for the tests stage, e.g. -x),
-# SANITIZER_TESTS (default "tests"), SANITIZER_PYTEST_ARGS (e.g. -k cross_entropy),
+# SANITIZER_TESTS (default: the cross-entropy and custom-op tests), SANITIZER_PYTEST_ARGS (e.g. -k cross_entropy),
 # BENCH_ARGS (default --quick; e.g. "--family cross_entropy" for the full grid).
 
 set -uo pipefail
@@ -55,6 +56,8 @@ mkdir -p "$OUT" "$WORK"
 rm -f "$WORK"/*.xml
 SUMMARY="$OUT/summary.txt"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+DEFAULT_SANITIZER_TESTS="tests/test_cross_entropy.py tests/test_cross_entropy_gpu.py tests/test_custom_ops.py"
 
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
@@ -191,7 +194,7 @@ if [ $want_sanitizer = 1 ]; then
         run_stage sanitizer 420 sanitizer.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             compute-sanitizer --tool memcheck --target-processes all --error-exitcode 86 \
             --print-limit 50 \
-            "$PYTHON" -m pytest ${SANITIZER_TESTS:-tests} -m "gpu and not large" -q -ra \
+            "$PYTHON" -m pytest ${SANITIZER_TESTS:-$DEFAULT_SANITIZER_TESTS} -m "not large" -q -ra \
             -p no:cacheprovider --junitxml="$WORK/junit-sanitizer.xml" ${SANITIZER_PYTEST_ARGS:-}
     else
         echo "compute-sanitizer not found" | tee "$OUT/sanitizer.log"
