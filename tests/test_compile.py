@@ -57,3 +57,18 @@ def test_module_in_a_compiled_model(backend):
     ref.backward()
     assert_close(loss, ref, torch.float32, "loss")
     assert_close(grad, model.weight.grad, torch.float32, "weight grad")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_inplace_backward_compiles(backend):
+    torch._dynamo.reset()
+    inputs = torch.randn(6, 37, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 37, (6,), device=DEVICE)
+
+    def loss_fn(inputs, target):
+        return fusedops.cross_entropy(inputs * 2.0, target, inplace_backward=True)
+
+    torch.compile(loss_fn, fullgraph=True, backend=backend)(inputs, target).backward()
+    x64 = inputs.detach().double().requires_grad_()
+    F.cross_entropy(x64 * 2.0, target).backward()
+    assert_close(inputs.grad, x64.grad, torch.float32, "grad through the in-place backward")
