@@ -99,6 +99,17 @@ def softcap_and_slope(x, softcap):
 
 
 @triton.jit
+def row_target(target_ptr, row, C, ignore_index):
+    """The row's class, whether it counts (not ignore_index), whether it lies outside [0, C),
+    and a class that is safe to load at (0 for ignored and out-of-range rows)."""
+    target = tl.load(target_ptr + row).to(tl.int64)
+    counted = target != ignore_index
+    out_of_range = counted & ((target < 0) | (target >= C))
+    safe_target = tl.where(counted & ~out_of_range, target, 0)
+    return counted, out_of_range, safe_target
+
+
+@triton.jit
 def ce_fwd_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr,
                   C, stride_row, ignore_index, label_smoothing, z_loss, softcap,
                   HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -106,11 +117,7 @@ def ce_fwd_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr,
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
 
-    target = tl.load(target_ptr + row).to(tl.int64)
-    counted = target != ignore_index
-    out_of_range = counted & ((target < 0) | (target >= C))
-    safe_target = tl.where(out_of_range, 0, target)
-    safe_target = tl.where(counted, safe_target, 0)
+    counted, out_of_range, safe_target = row_target(target_ptr, row, C, ignore_index)
     z_target = tl.load(row_ptr + safe_target).to(tl.float32)
     if HAS_SOFTCAP:
         z_target, _target_slope = softcap_and_slope(z_target, softcap)
@@ -175,11 +182,7 @@ def ce_bwd_kernel(logits_ptr, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, g
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     out_row_ptr = out_ptr + row.to(tl.int64) * stride_out_row
 
-    target = tl.load(target_ptr + row).to(tl.int64)
-    counted = target != ignore_index
-    out_of_range = counted & ((target < 0) | (target >= C))
-    safe_target = tl.where(out_of_range, 0, target)
-    safe_target = tl.where(counted, safe_target, 0)
+    counted, out_of_range, safe_target = row_target(target_ptr, row, C, ignore_index)
     if HAS_WEIGHT:
         w_target = tl.load(weight_ptr + safe_target).to(tl.float32)
     else:
