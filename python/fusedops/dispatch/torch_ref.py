@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedops.dispatch import contract
+from fusedops.dispatch import contract, linear_contract
 
 NAME = "torch"
 
@@ -138,3 +138,74 @@ def ce_probs_bwd(logits, target, weight, lse, grad_loss, label_smoothing, z_loss
 
 def _smoothed(y, label_smoothing):
     return y * (1.0 - label_smoothing) + label_smoothing / y.shape[1] if label_smoothing else y
+
+
+# --- fused linear (see linear_contract.py) -------------------------------------------------
+
+
+def activation_forward(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "none":
+        return z
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activation_derivative(saved: torch.Tensor, activation: str) -> torch.Tensor:
+    """act'(z) from what linear_fwd saved (z, or out for relu), in saved's dtype."""
+    z = saved
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "gelu":  # x * Phi(x): Phi(x) + x * phi(x)
+        cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+        return cdf + z * pdf
+    if activation == "gelu_tanh":  # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+        k = 0.7978845608028654
+        u = k * (z + 0.044715 * z**3)
+        t = torch.tanh(u)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * z * z)
+    if activation == "silu":  # x * sigmoid(x): s (1 + x (1 - s))
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _linear_fwd(input, weight, bias, residual, activation, allow_tf32):
+    acc = contract.accumulation_dtype(input.dtype)
+    z = input.to(acc) @ weight.to(acc).T
+    if bias is not None:
+        z = z + bias.to(acc)
+    if residual is not None:
+        z = z + residual.to(acc)
+    out = activation_forward(z, activation).to(input.dtype)
+    if linear_contract.saves_preactivation(activation):
+        return out, z.to(input.dtype)
+    return out, input.new_empty((0,))
+
+
+def _linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
+                needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad):
+    acc = contract.accumulation_dtype(input.dtype)
+    dz = grad_out.to(acc)
+    if activation != "none":
+        dz = dz * activation_derivative(saved.to(acc), activation)
+    def empty():  # a fresh one each time: custom-op outputs may not alias each other
+        return input.new_empty((0,))
+
+    grad_input = (dz @ weight.to(acc)).to(input.dtype) if needs_input_grad else empty()
+    weight_dtype = torch.float32 if float32_weight_grad else weight.dtype
+    grad_weight = (dz.T @ input.to(acc)).to(weight_dtype) if needs_weight_grad else empty()
+    grad_bias = dz.sum(dim=0).to(weight_dtype) if needs_bias_grad else empty()
+    grad_preact = dz.to(grad_out.dtype, copy=True) if needs_preact_grad else empty()
+    return grad_input, grad_weight, grad_bias, grad_preact
+
+
+linear_ops = linear_contract.register_linear_ops(NAME, _linear_fwd, _linear_bwd)
+linear_fwd, linear_bwd = linear_ops.fwd, linear_ops.bwd

@@ -1,0 +1,106 @@
+"""The kernel-level contract of the fused linear: ``act(x @ W^T + b + r)``, forward and backward.
+
+Every tier implements these two functions with this meaning (a future CUDA tier through C++
+ops under the same schemas), registered as ``fusedops::linear_fwd_<tier>`` and
+``fusedops::linear_bwd_<tier>`` custom ops with the fakes below.
+
+``linear_fwd(input, weight, bias, residual, activation, allow_tf32) -> (out, saved)``
+
+* ``input`` ``(M, K)``, ``weight`` ``(N, K)``, both of one dtype (float16, bfloat16, float32;
+  the torch tier also float64), any strides; ``bias`` ``(N,)`` or None; ``residual``
+  ``(M, N)`` or None, in the input's dtype. ``activation`` is one of ``ACTIVATIONS``.
+* ``allow_tf32``: float32 products may use tf32 tensor cores (the caller decides it the way
+  torch does, from ``torch.backends.cuda.matmul.allow_tf32``).
+* ``out`` ``(M, N)`` contiguous, the input's dtype: ``act(z)`` with
+  ``z = input @ weight.T + bias + residual``, accumulated in float32.
+* ``saved``: what backward needs to form act'(z), chosen per activation (``SAVES``).
+  ``"none"`` needs nothing and ``"relu"`` needs only ``out`` (relu'(z) = [out > 0]): ``saved``
+  is an empty ``(0,)`` tensor (a custom op may not return an alias of another output), and
+  the caller keeps ``out`` instead — no extra memory. ``"gelu"``, ``"gelu_tanh"`` and
+  ``"silu"`` return the pre-activation ``z`` ``(M, N)`` in the input's dtype: one more
+  output-sized tensor kept for backward, the price of not recomputing the forward GEMM.
+
+``linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
+needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad)
+-> (grad_input, grad_weight, grad_bias, grad_preact)``
+
+* ``grad_out`` ``(M, N)``; ``saved`` is ``linear_fwd``'s, except ``out`` for relu (and
+  anything, e.g. an empty tensor, for "none").
+* With ``dz = grad_out * act'(z)``: ``grad_input = dz @ weight`` ``(M, K)``,
+  ``grad_weight = dz.T @ input`` ``(N, K)``, ``grad_bias = dz.sum(0)`` ``(N,)`` (each in its
+  input's dtype, accumulated in float32) and ``grad_preact = dz`` ``(M, N)`` (the residual's
+  gradient). A gradient not asked for comes back as an empty ``(0,)`` tensor.
+* ``float32_weight_grad``: grad_weight and grad_bias come back in float32 instead, for a
+  caller that sums them over several calls (the chunks of linear_cross_entropy).
+* The kernels form ``dz`` inside the backward GEMMs (act' applied to the tiles as they are
+  loaded), never in a separate elementwise pass over the pre-activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from fusedops.dispatch.contract import NAMESPACE, op_name
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+# What linear_fwd keeps for backward, per activation.
+SAVES = {"none": "nothing", "relu": "out", "gelu": "preact", "gelu_tanh": "preact",
+         "silu": "preact"}
+
+SCHEMAS = {
+    "linear_fwd": "(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+                  "str activation, bool allow_tf32) -> (Tensor, Tensor)",
+    "linear_bwd": "(Tensor grad_out, Tensor input, Tensor weight, Tensor saved, "
+                  "str activation, bool allow_tf32, bool needs_input_grad, "
+                  "bool needs_weight_grad, bool needs_bias_grad, bool needs_preact_grad, "
+                  "bool float32_weight_grad) "
+                  "-> (Tensor, Tensor, Tensor, Tensor)",
+}
+
+
+def saves_preactivation(activation: str) -> bool:
+    return SAVES[activation] == "preact"
+
+
+def linear_fwd_fake(input, weight, bias, residual, activation, allow_tf32):
+    rows, cols = input.shape[0], weight.shape[0]
+    out = input.new_empty((rows, cols))
+    saved = input.new_empty((rows, cols) if saves_preactivation(activation) else (0,))
+    return out, saved
+
+
+def linear_bwd_fake(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
+                    needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad):
+    def maybe(needed, like, shape, dtype=None):
+        return like.new_empty(shape if needed else (0,), dtype=dtype or like.dtype)
+
+    weight_dtype = torch.float32 if float32_weight_grad else weight.dtype
+    return (maybe(needs_input_grad, input, input.shape),
+            maybe(needs_weight_grad, weight, weight.shape, weight_dtype),
+            maybe(needs_bias_grad, weight, (weight.shape[0],), weight_dtype),
+            maybe(needs_preact_grad, grad_out, grad_out.shape))
+
+
+class LinearOps(NamedTuple):
+    fwd: Callable
+    bwd: Callable
+
+
+def register_linear_ops(tier: str, fwd_impl: Callable, bwd_impl: Callable,
+                        device_types: str | tuple[str, ...] | None = None) -> LinearOps:
+    """Wrap a tier's implementations (with the contract's signatures) as custom ops."""
+    ops = []
+    for op, impl, fake in (("linear_fwd", fwd_impl, linear_fwd_fake),
+                           ("linear_bwd", bwd_impl, linear_bwd_fake)):
+        custom = torch.library.custom_op(op_name(op, tier), impl, mutates_args=(),
+                                         device_types=device_types, schema=SCHEMAS[op])
+        custom.register_fake(fake)
+        ops.append(custom)
+    return LinearOps(*ops)
+
+
+__all__ = ["ACTIVATIONS", "NAMESPACE", "SAVES", "SCHEMAS", "LinearOps", "register_linear_ops",
+           "saves_preactivation"]
