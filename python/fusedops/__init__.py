@@ -7,7 +7,8 @@ path of one call.
 from fusedops import nn
 from fusedops.dispatch import backends, use_backend
 from fusedops.ops.cross_entropy import cross_entropy
+from fusedops.ops.linear import linear
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "cross_entropy", "nn", "use_backend"]
+__all__ = ["backends", "cross_entropy", "linear", "nn", "use_backend"]

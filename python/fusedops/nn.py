@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedops.ops.cross_entropy import cross_entropy
+from fusedops.ops.linear import check_activation, linear
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -37,4 +38,43 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return ", ".join(parts)
 
 
-__all__ = ["CrossEntropyLoss"]
+class FusedLinear(torch.nn.Linear):
+    """``nn.Linear`` followed by an activation, as one fused GEMM (``fusedops.linear``).
+
+    Same parameters and state_dict keys as ``nn.Linear``; ``.activation`` holds the
+    activation's name (None, "relu", "gelu", "gelu_tanh" or "silu"). ``forward`` also takes
+    an optional ``residual``, added before the activation.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 activation=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        check_activation(activation)
+        self.activation = activation
+
+    @classmethod
+    def from_linear(cls, module: torch.nn.Linear, activation=None) -> FusedLinear:
+        """A FusedLinear sharing ``module``'s Parameter objects (an optimizer built before
+        keeps working)."""
+        if not isinstance(module, torch.nn.Linear):
+            raise TypeError(f"FusedLinear.from_linear: expected an nn.Linear, got "
+                            f"{type(module).__name__}")
+        check_activation(activation)
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = module.in_features, module.out_features
+        fused.weight = module.weight
+        fused.bias = module.bias  # a Parameter, or None (registered as such)
+        fused.activation = activation
+        fused.train(module.training)
+        return fused
+
+    def forward(self, input, residual=None):
+        return linear(input, self.weight, self.bias, activation=self.activation,
+                      residual=residual)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+__all__ = ["CrossEntropyLoss", "FusedLinear"]

@@ -177,6 +177,10 @@ def activation_derivative(saved: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def linear_unsupported(input, weight, bias, residual, activation) -> str | None:
+    return None
+
+
 def _linear_fwd(input, weight, bias, residual, activation, allow_tf32):
     acc = contract.accumulation_dtype(input.dtype)
     z = input.to(acc) @ weight.to(acc).T
