@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from fusedops.dispatch import contract
+from fusedops.dispatch import contract, linear_contract
 
 NAME = "triton"
 
@@ -107,3 +107,77 @@ def _ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothin
 
 ce_fwd, ce_bwd = contract.tier_functions(
     contract.register_cross_entropy_ops(NAME, _ce_fwd, _ce_bwd))
+
+
+# --- the fused linear: act(x @ W^T + b + r) ---------------------------------------------
+
+_LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def linear_unsupported(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       residual: torch.Tensor | None, activation: str) -> str | None:
+    """None when the kernels cover this call (input (M, K), weight (N, K)), else the reason."""
+    if activation not in linear_contract.ACTIVATIONS:
+        return f"activation {activation!r} (the kernels take {linear_contract.ACTIVATIONS})"
+    if input.dtype not in _LINEAR_DTYPES:
+        return f"{input.dtype} input (the Triton kernels take float16, bfloat16 and float32)"
+    if weight.dtype != input.dtype:
+        return f"weight dtype {weight.dtype} differs from the input's {input.dtype}"
+    for name, tensor in (("bias", bias), ("residual", residual)):
+        if tensor is not None and tensor.dtype not in _LINEAR_DTYPES:
+            return f"{tensor.dtype} {name} (the Triton kernels take float16, bfloat16, float32)"
+    if input.dim() != 2 or weight.dim() != 2:
+        return "input and weight must be 2-D here (the functional layer flattens the batch)"
+    devices = {t.device for t in (input, weight, bias, residual) if t is not None}
+    if len(devices) != 1:
+        return f"tensors on several devices ({sorted(map(str, devices))})"
+    if input.device.type == "cpu":
+        if not _interpreting():
+            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+    elif input.device.type != "cuda":
+        return f"tensors on {input.device.type} (the Triton tier runs on CUDA devices)"
+    return None
+
+
+def _matmul_kernels():
+    # Imported here, not at the top: TRITON_INTERPRET must be decided before triton loads.
+    from fusedops.triton_kernels import matmul
+
+    return matmul
+
+
+def _linear_fwd(input, weight, bias, residual, activation, allow_tf32):
+    rows, cols = input.shape[0], weight.shape[0]
+    out = contract.new_output((rows, cols), dtype=input.dtype, device=input.device)
+    if linear_contract.saves_preactivation(activation):
+        z = contract.new_output((rows, cols), dtype=input.dtype, device=input.device)
+    else:
+        z = None
+    _matmul_kernels().linear_fwd_launch(input, weight, bias, residual, activation,
+                                        allow_tf32, out, z)
+    return out, z if z is not None else input.new_empty((0,))
+
+
+def _linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
+                needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad):
+    device = input.device
+    weight_dtype = torch.float32 if float32_weight_grad else weight.dtype
+
+    def maybe(needed, shape, dtype):
+        return contract.new_output(shape, dtype=dtype, device=device) if needed else None
+
+    grad_input = maybe(needs_input_grad, input.shape, input.dtype)
+    grad_weight = maybe(needs_weight_grad, weight.shape, weight_dtype)
+    grad_bias = maybe(needs_bias_grad, (weight.shape[0],), weight_dtype)
+    grad_preact = maybe(needs_preact_grad, grad_out.shape, grad_out.dtype)
+    _matmul_kernels().linear_bwd_launch(grad_out, input, weight, saved, activation, allow_tf32,
+                                        grad_input, grad_weight, grad_bias, grad_preact)
+
+    def or_empty(t):  # a fresh one each time: custom-op outputs may not alias each other
+        return t if t is not None else input.new_empty((0,))
+
+    return or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias), or_empty(grad_preact)
+
+
+linear_ops = linear_contract.register_linear_ops(NAME, _linear_fwd, _linear_bwd)
+linear_fwd, linear_bwd = linear_ops.fwd, linear_ops.bwd
