@@ -25,6 +25,8 @@ from typing import Any
 # family name -> module (inside this package) that defines FAMILY. Imported on demand.
 FAMILY_MODULES: dict[str, str] = {
     "cross_entropy": "cases_cross_entropy",
+    "linear": "cases_linear",
+    "linear_cross_entropy": "cases_linear_cross_entropy",
 }
 
 
@@ -47,14 +49,17 @@ class Implementation:
     """One way to compute a family's op: a fusedops tier or a baseline.
 
     ``unavailable()`` returns None when it can run here, else why not (cheap; the runner
-    records the reason and moves on). ``setup(case, input_sets)`` returns the callable to
-    time, already bound to its inputs; it may compile. ``input_sets`` has one or more
-    equivalent inputs the callable must rotate through (see ``timing.rotate``).
+    records the reason and moves on); ``unsupported(case)`` likewise for one case (a
+    forward-only baseline in a forward+backward case, say). ``setup(case, input_sets)``
+    returns the callable to time, already bound to its inputs; it may compile.
+    ``input_sets`` has one or more equivalent inputs the callable must rotate through (see
+    ``timing.rotate``).
     """
 
     name: str
     setup: Callable[[Case, Sequence[Any]], Callable[[], Any]]
     unavailable: Callable[[], str | None] = lambda: None
+    unsupported: Callable[[Case], str | None] = lambda case: None
     baseline: bool = True
     quick: bool = True  # False for slow-to-compile baselines (max-autotune, FlexAttention)
     note: str = ""

@@ -225,7 +225,7 @@ class Runner:
     def _one(self, case: Case, impl: Implementation, input_sets: list,
              setup_error: str | None, outcome: Outcome) -> dict:
         try:
-            reason = impl.unavailable()
+            reason = impl.unavailable() or impl.unsupported(case)
         except Exception as exc:  # noqa: BLE001
             reason = f"availability check failed: {_describe_error(exc)}"
         if reason is not None:

@@ -33,6 +33,8 @@
 #   carry=[".whl"] with a liger-kernel wheel in .whl/ adds the Liger baseline; make it here
 #   with: echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all:
 #   -d .whl liger-kernel==0.8.5   (pure Python; torch and triton are already there)
+#   cut-cross-entropy==25.1.1 goes into .whl/ the same way (pure Python, py3-none-any):
+#   it adds the cce and cce-filtered baselines of the linear_cross_entropy family
 # To resume an interrupted bench stage, unpack results.tar.gz here first: the next call
 # carries benchmarks/results/ over and fusedops-bench skips what it already measured.
 #
