@@ -8,7 +8,8 @@ from fusedops import nn
 from fusedops.dispatch import backends, use_backend
 from fusedops.ops.cross_entropy import cross_entropy
 from fusedops.ops.linear import linear
+from fusedops.ops.linear_cross_entropy import linear_cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "cross_entropy", "linear", "nn", "use_backend"]
+__all__ = ["backends", "cross_entropy", "linear", "linear_cross_entropy", "nn", "use_backend"]

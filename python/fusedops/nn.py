@@ -6,6 +6,7 @@ import torch
 
 from fusedops.ops.cross_entropy import cross_entropy
 from fusedops.ops.linear import check_activation, linear
+from fusedops.ops.linear_cross_entropy import linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -77,4 +78,35 @@ class FusedLinear(torch.nn.Linear):
         return f"{super().extra_repr()}, activation={self.activation!r}"
 
 
-__all__ = ["CrossEntropyLoss", "FusedLinear"]
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``cross_entropy(F.linear(input, weight, bias), target)`` without the logits in memory.
+
+    ``forward(input, weight, target, bias=None)``: ``weight`` is the (vocab, hidden) matrix,
+    typically a language model's head (``lm_head.weight``), passed per call so the module
+    owns no parameters. ``class_weight`` is kept as a buffer, as nn.CrossEntropyLoss keeps
+    ``weight``.
+    """
+
+    def __init__(self, *, class_weight=None, ignore_index=-100, reduction="mean",
+                 label_smoothing=0.0, z_loss=0.0, softcap=None):
+        super().__init__()
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, input, weight, target, bias=None):
+        return linear_cross_entropy(input, weight, target, bias, class_weight=self.class_weight,
+                                    ignore_index=self.ignore_index, reduction=self.reduction,
+                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                    softcap=self.softcap)
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}")
+
+
+__all__ = ["CrossEntropyLoss", "FusedLinear", "LinearCrossEntropyLoss"]
