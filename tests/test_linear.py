@@ -36,9 +36,13 @@ def linear_tier(tier):
 
 
 def check(tier, shape, dtype, activation, with_bias, with_residual, *, batch=(), factor=1.0,
-          transpose_input=False):
+          transpose_input=False, positive=False):
     rows, inner, features = shape
-    make = lambda *size: torch.randn(*size, device=DEVICE).to(dtype)  # noqa: E731
+
+    def make(*size):
+        values = torch.randn(*size, device=DEVICE)
+        return (values.abs() + 0.5 if positive else values).to(dtype)
+
     if transpose_input:
         x = make(*batch, inner, rows).transpose(-1, -2)
     else:
@@ -80,7 +84,10 @@ def check(tier, shape, dtype, activation, with_bias, with_residual, *, batch=(),
 @pytest.mark.parametrize("with_residual", [False, True], ids=["no_residual", "residual"])
 def test_values_and_gradients_float32(linear_tier, shape, activation, with_bias,
                                       with_residual):
-    check(linear_tier, shape, torch.float32, activation, with_bias, with_residual)
+    # A lone element whose z cancels (x*w + b + r ~ 0) or sits where act'(z) ~ 0 has a
+    # relative error that means nothing; positive inputs keep 1x1x1 well conditioned.
+    check(linear_tier, shape, torch.float32, activation, with_bias, with_residual,
+          positive=shape == (1, 1, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -9,7 +9,12 @@ and row lengths divisible by 16 (the benchmark shapes: C = 32000, 128256, 262144
 the memory-bound kernels must use 128-bit accesses (`ld.global.v4` / `st.global.v4` in the
 PTX); the flag combinations are also compiled once unaligned (C = 50257, say), where they
 fall back to narrower accesses. A table entry is (kernel, types, constexprs, the PTX
-instructions required when aligned); add one per kernel.
+instructions required when aligned: a tuple, or a dict per arch); add one per kernel.
+
+The fused-linear GEMM (triton_kernels/matmul.py) must use tensor cores for fp16, bf16 and
+tf32: `mma.sync` on sm_80; on sm_90 Triton 3.8 emits `wgmma.mma_async` (Hopper's warpgroup
+MMA) for these tiles, the forward and the backward products with the act' prologue alike.
+float32 with input_precision="ieee" has no tensor-core form and is only compiled.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedops.triton_kernels import cross_entropy  # noqa: E402
+from fusedops.triton_kernels import cross_entropy, matmul  # noqa: E402
 
 ARCHES = (80, 90)
 LOGIT_TYPES = ("fp32", "fp16", "bf16")
@@ -51,13 +56,64 @@ def cross_entropy_cases():
                ("ld.global.v4", "st.global.v4"))
 
 
+LINEAR_MMA = {80: ("mma.sync",), 90: ("wgmma.mma_async",)}
+LINEAR_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
+LINEAR_SCALARS = ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                  "stride_cm", "stride_cn", "stride_rm", "stride_rn", "stride_sm", "stride_sk",
+                  "stride_dm", "stride_dk", "stride_bias", "m_key", "n_key", "k_key")
+
+
+def linear_cases():
+    """The fused-linear GEMM as the launchers use it: forward (every activation, bias and
+    residual, z stored), the grad_input product (act' prologue, dz stored), the grad_weight
+    product (prologue, dz and the bias row sums, float32 output), the prologue-only launch."""
+    code = matmul.ACTIVATION_CODES
+
+    def types(dtype, out_dtype):
+        return {**dict.fromkeys(LINEAR_SCALARS, "i32"),
+                "a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{out_dtype}",
+                "z_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "res_ptr": f"*{dtype}",
+                "saved_ptr": f"*{dtype}", "dz_ptr": f"*{dtype}", "rowsum_ptr": f"*{out_dtype}"}
+
+    def flags(activation="none", prologue=None, store_z=False, bias=False, residual=False,
+              store_dz=False, rowsum=False, compute_c=True, precision="ieee"):
+        return {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "ACTIVATION": code[activation],
+                "STORE_Z": store_z, "PROLOGUE": 0 if prologue is None else 1 + code[prologue],
+                "STORE_DZ": store_dz, "STORE_ROWSUM": rowsum, "COMPUTE_C": compute_c,
+                "INPUT_PRECISION": precision, **LINEAR_TILE}
+
+    kernel = matmul.fused_matmul_kernel
+    dtypes = (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"))
+    for activation in matmul.ACTIVATION_CODES:
+        for dtype, precision in dtypes if activation == "gelu" else dtypes[:1]:
+            store_z = activation in ("gelu", "gelu_tanh", "silu")
+            yield (f"linear_fwd[{dtype}/{activation}]", kernel, types(dtype, dtype),
+                   flags(activation, store_z=store_z, bias=True, residual=True,
+                         precision=precision), LINEAR_MMA)
+        if activation == "none":
+            continue
+        for dtype, precision in dtypes if activation == "gelu" else dtypes[:1]:
+            yield (f"linear_bwd_input[{dtype}/{activation}]", kernel, types(dtype, dtype),
+                   flags(prologue=activation, store_dz=True, precision=precision), LINEAR_MMA)
+    for dtype, out in (("fp16", "fp32"), ("bf16", "bf16")):
+        yield (f"linear_bwd_weight[{dtype}->{out}/gelu]", kernel, types(dtype, out),
+               flags(prologue="gelu", store_dz=True, rowsum=True), LINEAR_MMA)
+    yield ("linear_bwd_weight[fp16/none]", kernel, types("fp16", "fp32"),
+           flags(rowsum=True), LINEAR_MMA)
+    yield ("linear_fwd[fp32/ieee/relu]", kernel, types("fp32", "fp32"),
+           flags("relu", bias=True), ())
+    yield ("linear_bwd_prologue_only[bf16/silu]", kernel, types("bf16", "fp32"),
+           flags(prologue="silu", store_dz=True, rowsum=True, compute_c=False), ())
+
+
 def compile_case(kernel, types, constants, arch, aligned):
     arg_names = kernel.arg_names
     signature = {name: types.get(name, "constexpr") for name in arg_names}
     attrs = None
     if aligned:  # what Triton's launcher specialises for 16-aligned pointers and sizes
         attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(arg_names)
-                 if name in types and (types[name].startswith("*") or name == "C"
+                 if name in types and (types[name].startswith("*")
+                                       or name in ("C", "M", "N", "K")
                                        or name.startswith("stride"))}
     source = ASTSource(kernel, signature, constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
@@ -67,7 +123,8 @@ def main() -> int:
     failures = []
     count = 0
     unaligned_done = set()
-    for name, kernel, types, constants, required in cross_entropy_cases():
+    for name, kernel, types, constants, required in itertools.chain(cross_entropy_cases(),
+                                                                    linear_cases()):
         # Unaligned: each kernel and flag set once (one dtype), on the newest arch.
         key = (kernel.fn.__name__, tuple(constants.items()))
         variants = [(arch, True) for arch in ARCHES]
@@ -83,13 +140,14 @@ def main() -> int:
             except Exception as error:  # report every failure, not only the first
                 failures.append(f"{label}: {type(error).__name__}: {error}")
                 continue
-            missing = [op for op in required if aligned and op not in compiled.asm["ptx"]]
+            wanted = required.get(arch, ()) if isinstance(required, dict) else required
+            missing = [op for op in wanted if aligned and op not in compiled.asm["ptx"]]
             if missing:
                 failures.append(f"{label}: the PTX has no {', '.join(missing)} "
-                                f"(128-bit accesses expected when aligned)")
+                                f"(expected when aligned: 128-bit accesses, tensor-core MMA)")
     print(f"check_triton_compile: {count - len(failures)}/{count} kernel variants compiled "
-          f"for sm_{'/sm_'.join(map(str, ARCHES))} with the expected 128-bit accesses when "
-          f"aligned (triton {triton.__version__})")
+          f"for sm_{'/sm_'.join(map(str, ARCHES))} with the expected instructions (128-bit "
+          f"accesses, tensor-core MMA) when aligned (triton {triton.__version__})")
     for failure in failures:
         print("FAIL", failure[:2000])
     return 1 if failures else 0
