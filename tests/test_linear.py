@@ -211,7 +211,9 @@ def test_torch_tier_linear_ops_pass_opcheck():
                               (x, weight, bias, residual, activation, False))
         torch.library.opcheck(torch_ref.linear_bwd,
                               (torch.randn(5, 3), x, weight, torch.randn(5, 3), activation, False,
-                               True, True, True, True, False))
+                               True, True, True, True))
+    torch.library.opcheck(torch_ref.linear_weight_grad_accumulate,
+                          (torch.randn(5, 3), x, torch.zeros(3, 7), torch.zeros(3), False))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

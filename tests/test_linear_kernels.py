@@ -51,13 +51,11 @@ def reference(x, w, b, r, activation, grad_out):
             "grad_weight": w64.grad, "grad_bias": z.grad.sum(0), "grad_preact": z.grad}
 
 
-def run(x, w, b, r, activation, grad_out, needs=(True, True, True, True),
-        float32_weight_grad=False, allow_tf32=False):
+def run(x, w, b, r, activation, grad_out, needs=(True, True, True, True), allow_tf32=False):
     t = tier()
     out, saved = t.linear_fwd(x, w, b, r, activation, allow_tf32)
     kept = out if activation == "relu" else saved
-    grads = t.linear_bwd(grad_out, x, w, kept, activation, allow_tf32, *needs,
-                         float32_weight_grad)
+    grads = t.linear_bwd(grad_out, x, w, kept, activation, allow_tf32, *needs)
     return out, saved, dict(zip(("grad_input", "grad_weight", "grad_bias", "grad_preact"),
                                 grads, strict=True))
 
@@ -98,21 +96,16 @@ def test_odd_sizes(m, n, k):
 
 
 @pytest.mark.parametrize("needs", list(itertools.product((False, True), repeat=4)))
-@pytest.mark.parametrize("float32_weight_grad", [False, True])
-def test_needs_flags(needs, float32_weight_grad):
+def test_needs_flags(needs):
     dtype = torch.float16
     m, n, k = 17, 33, 17
     x, w, g = randn(m, k, dtype=dtype), randn(n, k, dtype=dtype), randn(m, n, dtype=dtype)
     b = randn(n, dtype=dtype)
-    _, _, grads = run(x, w, b, None, "gelu", g, needs=needs,
-                      float32_weight_grad=float32_weight_grad)
+    _, _, grads = run(x, w, b, None, "gelu", g, needs=needs)
     ref = reference(x, w, b, None, "gelu", g)
-    weight_dtype = torch.float32 if float32_weight_grad else dtype
-    dtypes = {"grad_input": dtype, "grad_weight": weight_dtype, "grad_bias": weight_dtype,
-              "grad_preact": dtype}
     for needed, (name, grad) in zip(needs, grads.items(), strict=True):
         if needed:
-            assert grad.dtype == dtypes[name], name
+            assert grad.dtype == dtype, name
             assert_close(grad, ref[name], dtype, name)
         else:
             assert grad.shape == (0,), name
@@ -138,7 +131,7 @@ def test_non_contiguous_saved():
     t = tier()
     _, z = t.linear_fwd(x, w, None, None, "gelu_tanh", False)
     z_t = z.t().contiguous().t()  # same values, column-major
-    grads = t.linear_bwd(g, x, w, z_t, "gelu_tanh", False, True, True, True, True, False)
+    grads = t.linear_bwd(g, x, w, z_t, "gelu_tanh", False, True, True, True, True)
     ref = reference(x, w, None, None, "gelu_tanh", g)
     for name, grad in zip(("grad_input", "grad_weight", "grad_bias", "grad_preact"), grads,
                           strict=True):
@@ -184,6 +177,31 @@ def test_opcheck(activation):
     out, saved = t.linear_fwd(x, w, b, r, activation, False)
     kept = out if activation == "relu" else saved
     torch.library.opcheck(t.linear_bwd, (g, x, w, kept, activation, False, True, True, True,
-                                         True, False))
+                                         True))
     torch.library.opcheck(t.linear_bwd, (g, x, w, kept, activation, False, False, True, False,
-                                         True, True))
+                                         True))
+    torch.library.opcheck(t.linear_weight_grad_accumulate,
+                          (g, x, torch.zeros(n, k), torch.zeros(n), False))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(17, 33, 9), (1, 5, 1), (0, 4, 3), (6, 0, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_weight_grad_accumulate_adds_in_place(shape, with_bias):
+    t = tier()
+    m, n, k = shape
+    dtype = torch.float16
+    grad_weight = randn(n, k, dtype=torch.float32)
+    grad_bias = randn(n, dtype=torch.float32) if with_bias else None
+    expected_w = grad_weight.double().clone()
+    expected_b = grad_bias.double().clone() if with_bias else None
+    for _ in range(2):  # two chunks, each added on top
+        g, x = randn(m, n, dtype=dtype), randn(m, k, dtype=dtype)
+        t.linear_weight_grad_accumulate(g, x, grad_weight, grad_bias, False)
+        expected_w += g.double().T @ x.double()
+        if with_bias:
+            expected_b += g.double().sum(dim=0)
+    assert grad_weight.dtype == torch.float32
+    assert_close(grad_weight, expected_w, dtype, "accumulated grad_weight")
+    if with_bias:
+        assert_close(grad_bias, expected_b, dtype, "accumulated grad_bias")

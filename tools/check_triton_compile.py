@@ -66,7 +66,8 @@ LINEAR_SCALARS = ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_
 def linear_cases():
     """The fused-linear GEMM as the launchers use it: forward (every activation, bias and
     residual, z stored), the grad_input product (act' prologue, dz stored), the grad_weight
-    product (prologue, dz and the bias row sums, float32 output), the prologue-only launch."""
+    product (prologue, dz and the bias row sums, float32 output), the in-place accumulating
+    weight-gradient product of linear_cross_entropy, the prologue-only launch."""
     code = matmul.ACTIVATION_CODES
 
     def types(dtype, out_dtype):
@@ -76,11 +77,11 @@ def linear_cases():
                 "saved_ptr": f"*{dtype}", "dz_ptr": f"*{dtype}", "rowsum_ptr": f"*{out_dtype}"}
 
     def flags(activation="none", prologue=None, store_z=False, bias=False, residual=False,
-              store_dz=False, rowsum=False, compute_c=True, precision="ieee"):
+              store_dz=False, rowsum=False, compute_c=True, precision="ieee", accumulate=False):
         return {"HAS_BIAS": bias, "HAS_RESIDUAL": residual, "ACTIVATION": code[activation],
                 "STORE_Z": store_z, "PROLOGUE": 0 if prologue is None else 1 + code[prologue],
                 "STORE_DZ": store_dz, "STORE_ROWSUM": rowsum, "COMPUTE_C": compute_c,
-                "INPUT_PRECISION": precision, **LINEAR_TILE}
+                "INPUT_PRECISION": precision, "ACCUMULATE": accumulate, **LINEAR_TILE}
 
     kernel = matmul.fused_matmul_kernel
     dtypes = (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"))
@@ -100,6 +101,8 @@ def linear_cases():
                flags(prologue="gelu", store_dz=True, rowsum=True), LINEAR_MMA)
     yield ("linear_bwd_weight[fp16/none]", kernel, types("fp16", "fp32"),
            flags(rowsum=True), LINEAR_MMA)
+    yield ("linear_weight_grad_accumulate[bf16->fp32]", kernel, types("bf16", "fp32"),
+           flags(rowsum=True, accumulate=True), LINEAR_MMA)
     yield ("linear_fwd[fp32/ieee/relu]", kernel, types("fp32", "fp32"),
            flags("relu", bias=True), ())
     yield ("linear_bwd_prologue_only[bf16/silu]", kernel, types("bf16", "fp32"),

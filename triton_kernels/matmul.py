@@ -75,6 +75,12 @@ GPU_CONFIGS = [
 ]
 
 
+# The one config of the in-place accumulating launch (C += A @ B): an autotuner would run
+# the candidates on the same output, adding the product once per candidate.
+ACCUMULATE_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                                  num_stages=3, num_warps=8)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -155,13 +161,15 @@ def fused_matmul_kernel(
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
         STORE_Z: tl.constexpr, PROLOGUE: tl.constexpr, STORE_DZ: tl.constexpr,
         STORE_ROWSUM: tl.constexpr, COMPUTE_C: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr):
+        ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C = epilogue(prologue(A) @ B); see the module docstring.
 
     PROLOGUE: 0 none, else 1 + the activation code whose derivative scales A's tiles
     (A = grad_out, saved at A's positions with strides (stride_sm, stride_sk)); dz and the
     row sums of dz are written by the programs with pid_n == 0 when STORE_DZ / STORE_ROWSUM.
+    ACCUMULATE: C and the row sums are added to what the outputs hold (each program reads
+    and then writes only its own tile: safe in place, but never to be autotuned).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -220,6 +228,9 @@ def fused_matmul_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if STORE_ROWSUM:
+        if ACCUMULATE:
+            rowsum += tl.load(rowsum_ptr + rm64, mask=mask_m & side_writer,
+                              other=0.0).to(tl.float32)
         tl.store(rowsum_ptr + rm64, rowsum.to(rowsum_ptr.dtype.element_ty),
                  mask=mask_m & side_writer)
 
@@ -232,6 +243,8 @@ def fused_matmul_kernel(
             acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn64[None, :] * stride_rn,
                            mask=mask_c, other=0.0).to(tl.float32)
         c_offsets = rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
+        if ACCUMULATE:
+            acc += tl.load(c_ptr + c_offsets, mask=mask_c, other=0.0).to(tl.float32)
         if STORE_Z:
             tl.store(z_ptr + c_offsets, acc.to(z_ptr.dtype.element_ty), mask=mask_c)
         out = _activation(acc, ACTIVATION)
@@ -270,13 +283,14 @@ def _strides(t: torch.Tensor | None, transpose: bool = False) -> tuple[int, int]
 
 def fused_matmul(a, b, *, c=None, z=None, bias=None, residual=None, activation="none",
                  prologue=None, saved=None, dz=None, dz_transposed=False, rowsum=None,
-                 allow_tf32=False):
+                 allow_tf32=False, accumulate=False):
     """``c = act(prologue(a) @ b + bias + residual)`` for 2-D views ``a`` (M, K), ``b`` (K, N).
 
     ``prologue`` (an activation name or None): ``a`` is grad_out (or a transposed view of
     it) and is multiplied by act'(``saved``), ``saved`` indexed like ``a``. ``dz`` receives
     the scaled ``a`` (a view indexed like ``a``) and ``rowsum`` (M,) its row sums. ``c`` None
     runs the prologue alone (no B, no MMA). Every output is written, nothing is allocated.
+    ``accumulate``: ``c`` and ``rowsum`` receive ``+=`` instead of ``=`` (one fixed config).
     """
     m, k = a.shape
     n = b.shape[1] if c is not None else 0
@@ -289,7 +303,8 @@ def fused_matmul(a, b, *, c=None, z=None, bias=None, residual=None, activation="
                  ACTIVATION=ACTIVATION_CODES[activation], STORE_Z=z is not None,
                  PROLOGUE=0 if prologue is None else 1 + ACTIVATION_CODES[prologue],
                  STORE_DZ=dz is not None, STORE_ROWSUM=rowsum is not None,
-                 COMPUTE_C=compute_c, INPUT_PRECISION=input_precision(a.dtype, allow_tf32))
+                 COMPUTE_C=compute_c, INPUT_PRECISION=input_precision(a.dtype, allow_tf32),
+                 ACCUMULATE=accumulate)
     anchor = c if compute_c else (dz if dz is not None else rowsum)
     args = (a, b if compute_c else anchor, c if compute_c else anchor,
             z if z is not None else anchor, bias if bias is not None else anchor,
@@ -301,7 +316,14 @@ def fused_matmul(a, b, *, c=None, z=None, bias=None, residual=None, activation="
             *_strides(saved), *_strides(dz), bias.stride(0) if bias is not None else 0,
             _bucket(m), _bucket(n), _bucket(k))
     with _on_device(a):
-        if _interpreting() or not compute_c:
+        if accumulate and compute_c and not _interpreting():
+            config = ACCUMULATE_CONFIG
+            grid = (triton.cdiv(m, config.kwargs["BLOCK_M"])
+                    * triton.cdiv(n, config.kwargs["BLOCK_N"]),)
+            fused_matmul_kernel[grid](*args, **flags, **config.kwargs,
+                                      num_warps=config.num_warps,
+                                      num_stages=config.num_stages)
+        elif _interpreting() or not compute_c:
             cfg = dict(INTERPRETER_CONFIG)
             num_warps = 4
             if not compute_c and not _interpreting():
@@ -346,3 +368,11 @@ def linear_bwd_launch(grad_out, input, weight, saved, activation, allow_tf32, gr
     elif grad_bias is not None or dz_t is not None:
         fused_matmul(grad_out.t(), input, prologue=prologue, saved=saved_t, dz=dz_t,
                      rowsum=grad_bias)
+
+
+def weight_grad_accumulate_launch(grad_out, input, grad_weight, grad_bias, allow_tf32):
+    """grad_weight += grad_out.T @ input and grad_bias += grad_out.sum(0), in place (float32)."""
+    if input.shape[1] == 0 and grad_bias is None:
+        return
+    fused_matmul(grad_out.t(), input, c=grad_weight if input.shape[1] else None,
+                 rowsum=grad_bias, allow_tf32=allow_tf32, accumulate=True)

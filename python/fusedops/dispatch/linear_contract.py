@@ -21,7 +21,7 @@ ops under the same schemas), registered as ``fusedops::linear_fwd_<tier>`` and
   output-sized tensor kept for backward, the price of not recomputing the forward GEMM.
 
 ``linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
-needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad)
+needs_weight_grad, needs_bias_grad, needs_preact_grad)
 -> (grad_input, grad_weight, grad_bias, grad_preact)``
 
 * ``grad_out`` ``(M, N)``; ``saved`` is ``linear_fwd``'s, except ``out`` for relu (and
@@ -30,8 +30,13 @@ needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad)
   ``grad_weight = dz.T @ input`` ``(N, K)``, ``grad_bias = dz.sum(0)`` ``(N,)`` (each in its
   input's dtype, accumulated in float32) and ``grad_preact = dz`` ``(M, N)`` (the residual's
   gradient). A gradient not asked for comes back as an empty ``(0,)`` tensor.
-* ``float32_weight_grad``: grad_weight and grad_bias come back in float32 instead, for a
-  caller that sums them over several calls (the chunks of linear_cross_entropy).
+
+``linear_weight_grad_accumulate(grad_out, input, grad_weight, grad_bias, allow_tf32) -> ()``
+
+* Adds ``grad_out.T @ input`` into the float32 ``grad_weight`` ``(N, K)`` and
+  ``grad_out.sum(0)`` into the float32 ``grad_bias`` ``(N,)`` (or None), in place, with no
+  activation: for a caller that sums weight gradients over several calls (the token chunks
+  of linear_cross_entropy) without a temporary of the weight's size per call.
 * The kernels form ``dz`` inside the backward GEMMs (act' applied to the tiles as they are
   loaded), never in a separate elementwise pass over the pre-activation.
 """
@@ -55,9 +60,10 @@ SCHEMAS = {
                   "str activation, bool allow_tf32) -> (Tensor, Tensor)",
     "linear_bwd": "(Tensor grad_out, Tensor input, Tensor weight, Tensor saved, "
                   "str activation, bool allow_tf32, bool needs_input_grad, "
-                  "bool needs_weight_grad, bool needs_bias_grad, bool needs_preact_grad, "
-                  "bool float32_weight_grad) "
+                  "bool needs_weight_grad, bool needs_bias_grad, bool needs_preact_grad) "
                   "-> (Tensor, Tensor, Tensor, Tensor)",
+    "linear_weight_grad_accumulate": "(Tensor grad_out, Tensor input, Tensor(a!) grad_weight, "
+                                     "Tensor(b!)? grad_bias, bool allow_tf32) -> ()",
 }
 
 
@@ -73,29 +79,37 @@ def linear_fwd_fake(input, weight, bias, residual, activation, allow_tf32):
 
 
 def linear_bwd_fake(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
-                    needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad):
-    def maybe(needed, like, shape, dtype=None):
-        return like.new_empty(shape if needed else (0,), dtype=dtype or like.dtype)
+                    needs_weight_grad, needs_bias_grad, needs_preact_grad):
+    def maybe(needed, like, shape):
+        return like.new_empty(shape if needed else (0,))
 
-    weight_dtype = torch.float32 if float32_weight_grad else weight.dtype
     return (maybe(needs_input_grad, input, input.shape),
-            maybe(needs_weight_grad, weight, weight.shape, weight_dtype),
-            maybe(needs_bias_grad, weight, (weight.shape[0],), weight_dtype),
+            maybe(needs_weight_grad, weight, weight.shape),
+            maybe(needs_bias_grad, weight, (weight.shape[0],)),
             maybe(needs_preact_grad, grad_out, grad_out.shape))
+
+
+def linear_weight_grad_accumulate_fake(grad_out, input, grad_weight, grad_bias, allow_tf32):
+    return None
 
 
 class LinearOps(NamedTuple):
     fwd: Callable
     bwd: Callable
+    weight_grad_accumulate: Callable
 
 
 def register_linear_ops(tier: str, fwd_impl: Callable, bwd_impl: Callable,
+                        accumulate_impl: Callable,
                         device_types: str | tuple[str, ...] | None = None) -> LinearOps:
     """Wrap a tier's implementations (with the contract's signatures) as custom ops."""
     ops = []
-    for op, impl, fake in (("linear_fwd", fwd_impl, linear_fwd_fake),
-                           ("linear_bwd", bwd_impl, linear_bwd_fake)):
-        custom = torch.library.custom_op(op_name(op, tier), impl, mutates_args=(),
+    for op, impl, fake, mutates in (
+            ("linear_fwd", fwd_impl, linear_fwd_fake, ()),
+            ("linear_bwd", bwd_impl, linear_bwd_fake, ()),
+            ("linear_weight_grad_accumulate", accumulate_impl,
+             linear_weight_grad_accumulate_fake, ("grad_weight", "grad_bias"))):
+        custom = torch.library.custom_op(op_name(op, tier), impl, mutates_args=mutates,
                                          device_types=device_types, schema=SCHEMAS[op])
         custom.register_fake(fake)
         ops.append(custom)

@@ -195,7 +195,7 @@ def _linear_fwd(input, weight, bias, residual, activation, allow_tf32):
 
 
 def _linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
-                needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad):
+                needs_weight_grad, needs_bias_grad, needs_preact_grad):
     acc = contract.accumulation_dtype(input.dtype)
     dz = grad_out.to(acc)
     if activation != "none":
@@ -204,12 +204,20 @@ def _linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_in
         return input.new_empty((0,))
 
     grad_input = (dz @ weight.to(acc)).to(input.dtype) if needs_input_grad else empty()
-    weight_dtype = torch.float32 if float32_weight_grad else weight.dtype
-    grad_weight = (dz.T @ input.to(acc)).to(weight_dtype) if needs_weight_grad else empty()
-    grad_bias = dz.sum(dim=0).to(weight_dtype) if needs_bias_grad else empty()
+    grad_weight = (dz.T @ input.to(acc)).to(weight.dtype) if needs_weight_grad else empty()
+    grad_bias = dz.sum(dim=0).to(weight.dtype) if needs_bias_grad else empty()
     grad_preact = dz.to(grad_out.dtype, copy=True) if needs_preact_grad else empty()
     return grad_input, grad_weight, grad_bias, grad_preact
 
 
-linear_ops = linear_contract.register_linear_ops(NAME, _linear_fwd, _linear_bwd)
+def _linear_weight_grad_accumulate(grad_out, input, grad_weight, grad_bias, allow_tf32):
+    acc = torch.promote_types(contract.accumulation_dtype(input.dtype), grad_weight.dtype)
+    grad_weight.add_(grad_out.to(acc).T @ input.to(acc))
+    if grad_bias is not None:
+        grad_bias.add_(grad_out.to(acc).sum(dim=0))
+
+
+linear_ops = linear_contract.register_linear_ops(NAME, _linear_fwd, _linear_bwd,
+                                                 _linear_weight_grad_accumulate)
 linear_fwd, linear_bwd = linear_ops.fwd, linear_ops.bwd
+linear_weight_grad_accumulate = linear_ops.weight_grad_accumulate

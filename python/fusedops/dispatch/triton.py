@@ -159,16 +159,15 @@ def _linear_fwd(input, weight, bias, residual, activation, allow_tf32):
 
 
 def _linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
-                needs_weight_grad, needs_bias_grad, needs_preact_grad, float32_weight_grad):
+                needs_weight_grad, needs_bias_grad, needs_preact_grad):
     device = input.device
-    weight_dtype = torch.float32 if float32_weight_grad else weight.dtype
 
     def maybe(needed, shape, dtype):
         return contract.new_output(shape, dtype=dtype, device=device) if needed else None
 
     grad_input = maybe(needs_input_grad, input.shape, input.dtype)
-    grad_weight = maybe(needs_weight_grad, weight.shape, weight_dtype)
-    grad_bias = maybe(needs_bias_grad, (weight.shape[0],), weight_dtype)
+    grad_weight = maybe(needs_weight_grad, weight.shape, weight.dtype)
+    grad_bias = maybe(needs_bias_grad, (weight.shape[0],), weight.dtype)
     grad_preact = maybe(needs_preact_grad, grad_out.shape, grad_out.dtype)
     _matmul_kernels().linear_bwd_launch(grad_out, input, weight, saved, activation, allow_tf32,
                                         grad_input, grad_weight, grad_bias, grad_preact)
@@ -179,5 +178,12 @@ def _linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_in
     return or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias), or_empty(grad_preact)
 
 
-linear_ops = linear_contract.register_linear_ops(NAME, _linear_fwd, _linear_bwd)
+def _linear_weight_grad_accumulate(grad_out, input, grad_weight, grad_bias, allow_tf32):
+    _matmul_kernels().weight_grad_accumulate_launch(grad_out, input, grad_weight, grad_bias,
+                                                    allow_tf32)
+
+
+linear_ops = linear_contract.register_linear_ops(NAME, _linear_fwd, _linear_bwd,
+                                                 _linear_weight_grad_accumulate)
 linear_fwd, linear_bwd = linear_ops.fwd, linear_ops.bwd
+linear_weight_grad_accumulate = linear_ops.weight_grad_accumulate

@@ -106,7 +106,7 @@ class LinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grads = dispatch.TIERS[tier_name].linear_bwd(
             grad_out.contiguous(), input, weight, saved, activation, tf32, needs[0], needs[1],
-            has_bias and needs[2], has_residual and needs[3], False)
+            has_bias and needs[2], has_residual and needs[3])
         wanted = (needs[0], needs[1], has_bias and needs[2], has_residual and needs[3])
         grad_input, grad_weight, grad_bias, grad_residual = (
             grad if want else None for grad, want in zip(grads, wanted))

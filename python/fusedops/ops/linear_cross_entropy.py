@@ -17,8 +17,9 @@ count), so every chunk can fold ``1 / denominator`` into its gradient. Then for 
     # with gradients, right away, because the logits die with the chunk:
     dlogits = tier.ce_bwd(logits, ..., grad_loss = 1/denominator ("mean") or 1 ("sum"),
                           inplace=True)                       overwrites the logits
-    grad_x[rows], dW, db = tier.linear_bwd(dlogits, x[rows], W, float32_weight_grad=True)
-    grad_W += dW; grad_b += db                                float32 accumulators
+    grad_x[rows] = tier.linear_bwd(dlogits, x[rows], W)       input gradient only
+    tier.linear_weight_grad_accumulate(dlogits, x[rows], grad_W, grad_b)
+                                                  grad_W += dlogits^T x, in place, float32
 
 The autograd backward then only multiplies the stored gradients by the scalar upstream
 gradient and casts ``grad_W`` / ``grad_b`` to the weight's dtype (no host sync anywhere).
@@ -40,7 +41,7 @@ Chunk size and memory
 override the module constant). Peak extra memory with gradients, beyond the inputs:
 one chunk's logits (``<= CHUNK_BYTES``, reused in place for their gradient), the tier's own
 working memory for that chunk, ``grad_x`` ``(M, H)`` in the input's dtype, ``grad_W`` and
-``grad_b`` in float32 plus one chunk's float32 ``dW`` before it is added, and ``(M,)`` loss
+``grad_b`` in float32 (added into in place: no per-chunk weight-sized temporary), and ``(M,)`` loss
 and lse vectors: ``O(CHUNK_BYTES + M*H + V*H)``, never ``O(M*V)``.
 
 Autocast: F.linear runs in the autocast dtype and cross-entropy in float32, so under autocast
@@ -58,6 +59,7 @@ import torch
 
 from fusedops import dispatch
 from fusedops.dispatch import contract
+from fusedops.ops.linear import allow_tf32 as linear_allow_tf32
 
 OP_NAME = "linear_cross_entropy"
 # The most bytes one chunk's logits may take (see the module docstring).
@@ -161,8 +163,9 @@ def tier_unsupported(tier, input, weight, bias, target) -> str | None:
     ``input`` ``(M, H)`` and ``target`` ``(M,)`` as the chunks will pass them; the logits
     ``ce_fwd`` sees are ``(rows, V)``, contiguous, in the input's dtype.
     """
-    if not hasattr(tier, "linear_fwd") or not hasattr(tier, "linear_bwd"):
-        return (f"the {tier.NAME} tier has no fused linear (linear_fwd / linear_bwd), which "
+    needed = ("linear_fwd", "linear_bwd", "linear_weight_grad_accumulate")
+    if not all(hasattr(tier, name) for name in needed):
+        return (f"the {tier.NAME} tier has no fused linear ({' / '.join(needed)}), which "
                 f"linear_cross_entropy needs")
     linear_unsupported = getattr(tier, "linear_unsupported", None)
     if linear_unsupported is not None:
@@ -200,7 +203,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         row_loss = contract.new_output((rows,), dtype=acc, device=x.device)
         lse = contract.new_output((rows,) if keep_lse else (0,), dtype=acc, device=x.device)
         # float64 gradients stay float64; everything else accumulates in float32.
-        wide_weight_grad = weight.dtype != torch.float64
         grad_input = grad_weight = grad_bias = None
         if eager_grads:
             if needs_input_grad:
@@ -227,18 +229,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if not eager_grads:
                     continue
                 grad_loss = row_grad.expand(end - start).contiguous()
-                dlogits = tier.ce_bwd(logits, target_chunk, class_weight, lse_chunk, grad_loss,
-                                      ignore_index, label_smoothing, z_loss, softcap, True)
-                gx, gw, gb, _ = tier.linear_bwd(dlogits, x_chunk, weight, x.new_empty((0,)),
-                                                "none", allow_tf32, needs_input_grad,
-                                                needs_weight_grad, needs_bias_grad, False,
-                                                wide_weight_grad)
-                if needs_input_grad:
-                    grad_input[start:end].copy_(gx)
-                if needs_weight_grad:
-                    grad_weight += gw
-                if needs_bias_grad:
-                    grad_bias += gb
+                _backpropagate_chunk(tier, logits, x_chunk, weight, target_chunk, class_weight,
+                                     lse_chunk, grad_loss, options,
+                                     grad_input[start:end] if needs_input_grad else None,
+                                     grad_weight, grad_bias)
 
         if reduction == "none":
             result = row_loss
@@ -272,16 +266,32 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
+def _backpropagate_chunk(tier, logits, x_chunk, weight, target_chunk, class_weight, lse_chunk,
+                         grad_loss, options, grad_input_rows, grad_weight, grad_bias):
+    """One chunk's gradients: ce_bwd over its logits (in place), then ``grad_input_rows``
+    (written), ``grad_weight`` and ``grad_bias`` (float32 accumulators, added into)."""
+    ignore_index, label_smoothing, z_loss, softcap, _, allow_tf32 = options
+    dlogits = tier.ce_bwd(logits, target_chunk, class_weight, lse_chunk, grad_loss,
+                          ignore_index, label_smoothing, z_loss, softcap, True)
+    if grad_input_rows is not None:
+        grad_x, _, _, _ = tier.linear_bwd(dlogits, x_chunk, weight, x_chunk.new_empty((0,)),
+                                          "none", allow_tf32, True, False, False, False)
+        grad_input_rows.copy_(grad_x)
+    if grad_weight is not None:
+        tier.linear_weight_grad_accumulate(dlogits, x_chunk, grad_weight, grad_bias, allow_tf32)
+    elif grad_bias is not None:  # a trainable bias on a frozen weight: rare, plain torch
+        grad_bias += dlogits.to(grad_bias.dtype).sum(dim=0)
+
+
 def _recompute_backward(ctx, grad_rows):
     """reduction="none": redo each chunk's logits and push the per-row ``grad_rows`` through."""
     x, weight, bias, target, class_weight, lse = ctx.saved_tensors
-    ignore_index, label_smoothing, z_loss, softcap, _, allow_tf32 = ctx.options
+    allow_tf32 = ctx.options[-1]
     needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs
     tier = dispatch.TIERS[ctx.tier_name]
     rows, hidden = x.shape
     vocab = weight.shape[0]
     acc = contract.accumulation_dtype(x.dtype)
-    wide_weight_grad = weight.dtype != torch.float64
     grad_rows = grad_rows.to(acc).contiguous()
     grad_input = (contract.new_output((rows, hidden), dtype=x.dtype, device=x.device)
                   if needs_input_grad else None)
@@ -294,18 +304,10 @@ def _recompute_backward(ctx, grad_rows):
             end = min(start + step, rows)
             x_chunk, target_chunk = x[start:end], target[start:end]
             logits, _ = tier.linear_fwd(x_chunk, weight, bias, None, "none", allow_tf32)
-            dlogits = tier.ce_bwd(logits, target_chunk, class_weight, lse[start:end],
-                                  grad_rows[start:end], ignore_index, label_smoothing, z_loss,
-                                  softcap, True)
-            gx, gw, gb, _ = tier.linear_bwd(dlogits, x_chunk, weight, x.new_empty((0,)), "none",
-                                            allow_tf32, needs_input_grad, needs_weight_grad,
-                                            needs_bias_grad, False, wide_weight_grad)
-            if needs_input_grad:
-                grad_input[start:end].copy_(gx)
-            if needs_weight_grad:
-                grad_weight += gw
-            if needs_bias_grad:
-                grad_bias += gb
+            _backpropagate_chunk(tier, logits, x_chunk, weight, target_chunk, class_weight,
+                                 lse[start:end], grad_rows[start:end], ctx.options,
+                                 grad_input[start:end] if needs_input_grad else None,
+                                 grad_weight, grad_bias)
     return (grad_input,
             grad_weight.to(weight.dtype) if needs_weight_grad else None,
             grad_bias.to(weight.dtype) if needs_bias_grad else None)
@@ -379,8 +381,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     needs = (grad_enabled and input.requires_grad,
              grad_enabled and weight.requires_grad,
              grad_enabled and bias is not None and bias.requires_grad)
-    allow_tf32 = (x.device.type == "cuda" and x.dtype == torch.float32
-                  and torch.get_float32_matmul_precision() != "highest")
+    allow_tf32 = x.dtype == torch.float32 and linear_allow_tf32()
     rows_per_chunk = chunk_rows(x.shape[0], vocab, x.element_size())
     options = (ignore_index, label_smoothing, z_loss, softcap, reduction, allow_tf32)
     result = LinearCrossEntropyFunction.apply(x, weight, bias, target, class_weight,
