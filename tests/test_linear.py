@@ -98,6 +98,12 @@ def test_half_precision(linear_tier, dtype, activation):
     check(linear_tier, (17, 33, 9), dtype, activation, True, True)
 
 
+def test_many_rows(linear_tier):
+    # M = 4097: more row blocks than any tile size divides (one combination: the interpreter
+    # pays per program instance).
+    check(linear_tier, (4097, 17, 5), torch.float32, "gelu", True, True)
+
+
 def test_leading_batch_dimensions_and_transposed_input(linear_tier):
     check(linear_tier, (5, 7, 3), torch.float32, "silu", True, True, batch=(2, 3))
     check(linear_tier, (6, 9, 4), torch.float32, "gelu", True, False, transpose_input=True)
