@@ -83,6 +83,16 @@ def _check_arguments(input, target, weight, ignore_index, reduction, label_smoot
         _fail(TypeError, f"inplace_backward must be a bool, got {inplace_backward!r}")
 
 
+def mean_denominator(target, weight, ignore_index, num_classes, dtype):
+    """torch's "mean" divisor, on the device: the class weights of the counted rows summed
+    (their count without weights). A class out of range is clamped here; its row is NaN."""
+    counted = target != ignore_index
+    if weight is None:
+        return counted.sum().to(dtype)
+    safe = torch.where(counted, target, torch.zeros_like(target)).clamp(0, num_classes - 1)
+    return torch.where(counted, weight[safe.long()], weight.new_zeros(())).sum()
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Per-row losses of class-index targets: one ce_fwd launch forward, one ce_bwd back."""
 
@@ -191,13 +201,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
                                                  inplace_backward)
         denominator = None
         if reduction == "mean":
-            counted = target != ignore_index
-            if weight is None:
-                denominator = counted.sum().to(acc)
-            else:
-                safe = torch.where(counted, target, torch.zeros_like(target)).clamp(
-                    0, num_classes - 1).long()
-                denominator = torch.where(counted, weight[safe], weight.new_zeros(())).sum()
+            denominator = mean_denominator(target, weight, ignore_index, num_classes, acc)
 
     if reduction == "none":
         batch_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])

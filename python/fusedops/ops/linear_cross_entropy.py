@@ -59,6 +59,7 @@ import torch
 
 from fusedops import dispatch
 from fusedops.dispatch import contract
+from fusedops.ops.cross_entropy import mean_denominator
 from fusedops.ops.linear import allow_tf32 as linear_allow_tf32
 
 OP_NAME = "linear_cross_entropy"
@@ -368,14 +369,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
 
     denominator = None
     if reduction == "mean":  # on the device, before the first chunk needs it
-        counted = target != ignore_index
-        if class_weight is None:
-            denominator = counted.sum().to(acc)
-        else:
-            safe = torch.where(counted, target, torch.zeros_like(target)).clamp(
-                0, vocab - 1).long()
-            denominator = torch.where(counted, class_weight[safe],
-                                      class_weight.new_zeros(())).sum()
+        denominator = mean_denominator(target, class_weight, ignore_index, vocab, acc)
 
     grad_enabled = torch.is_grad_enabled()
     needs = (grad_enabled and input.requires_grad,
