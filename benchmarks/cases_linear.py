@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation
+from .registry import Case, Family, Implementation, fusedops_tier_unavailable
 
 TOKENS = (4096, 16384)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))  # (K, N)
@@ -183,44 +183,23 @@ def _rotating(forward, case, input_sets):
 _probed: dict[str, str | None] = {}
 
 
-def _probe(tier: str) -> str | None:
-    """Why a tiny forced call of ``fusedops.linear`` on ``tier`` cannot run, or None.
+def fusedops_unavailable(tier: str) -> str | None:
+    """Why ``fusedops.linear`` cannot be timed on ``tier`` (a 64³ forced forward probes it)."""
 
-    Only ``NotImplementedError`` (the tier, forced, does not cover the op) makes a reason;
-    any other failure is left for the measurement itself to record as an error.
-    """
-    if tier not in _probed:
+    def probe():
         import fusedops
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        probe = make_case("fwd+bwd", PROBE_SIZE, PROBE_SIZE, PROBE_SIZE)
-        inputs = make_inputs(probe, device)
+        case = make_case("fwd+bwd", PROBE_SIZE, PROBE_SIZE, PROBE_SIZE)
+        inputs = make_inputs(case, "cuda" if torch.cuda.is_available() else "cpu")
 
         def forward(inputs):
             with fusedops.use_backend(tier):
                 return fusedops.linear(inputs["input"], inputs["weight"], inputs["bias"],
                                        activation=ACTIVATION)
 
-        reason = None
-        try:
-            _bind(forward, probe, inputs)()
-        except NotImplementedError as exc:
-            reason = f"fusedops.linear raises NotImplementedError: {exc}"
-        except Exception:  # noqa: BLE001 - the measurement records it, with its traceback
-            reason = None
-        _probed[tier] = reason
-    return _probed[tier]
+        _bind(forward, case, inputs)()
 
-
-def fusedops_unavailable(tier: str) -> str | None:
-    import fusedops
-
-    reason = fusedops.backends().get(tier, f"fusedops has no {tier!r} tier")
-    if reason is not None:
-        return reason
-    if not hasattr(fusedops, "linear"):
-        return "fusedops.linear does not exist yet"
-    return _probe(tier)
+    return fusedops_tier_unavailable(tier, "linear", probe, _probed)
 
 
 def _fusedops_tier(tier: str) -> Implementation:

@@ -48,7 +48,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation
+from .registry import Case, Family, Implementation, fusedops_tier_unavailable
 
 TOKENS = 16384
 HIDDEN = 4096
@@ -174,32 +174,16 @@ def _fusedops_loss(tier: str, reduction: str):
 _probed: dict[str, str | None] = {}
 
 
-def _probe(tier: str) -> str | None:
-    """Why a tiny forced forward+backward on ``tier`` cannot run (NotImplementedError), or
-    None; any other failure is left for the measurement to record as an error."""
-    if tier not in _probed:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        probe = make_case("fwd+bwd", *PROBE_SHAPE)
-        reason = None
-        try:
-            _bind(_fusedops_loss(tier, "mean"), probe, make_inputs(probe, device))()
-        except NotImplementedError as exc:
-            reason = f"fusedops.linear_cross_entropy raises NotImplementedError: {exc}"
-        except Exception:  # noqa: BLE001 - the measurement records it, with its traceback
-            reason = None
-        _probed[tier] = reason
-    return _probed[tier]
-
-
 def fusedops_unavailable(tier: str) -> str | None:
-    import fusedops
+    """Why ``fusedops.linear_cross_entropy`` cannot be timed on ``tier`` (a tiny forced
+    forward+backward probes it)."""
 
-    reason = fusedops.backends().get(tier, f"fusedops has no {tier!r} tier")
-    if reason is not None:
-        return reason
-    if not hasattr(fusedops, "linear_cross_entropy"):
-        return "fusedops.linear_cross_entropy does not exist yet"
-    return _probe(tier)
+    def probe():
+        case = make_case("fwd+bwd", *PROBE_SHAPE)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _bind(_fusedops_loss(tier, "mean"), case, make_inputs(case, device))()
+
+    return fusedops_tier_unavailable(tier, "linear_cross_entropy", probe, _probed)
 
 
 def _fusedops_tier(tier: str) -> Implementation:
