@@ -145,7 +145,9 @@ def test_saturating_activations_stay_finite(activation):
     m, n, k = 17, 17, 17
     x, w = randn(m, k, dtype=dtype, scale=30.0), randn(n, k, dtype=dtype, scale=30.0)
     g = randn(m, n, dtype=dtype)
-    out, grads = check(x, w, None, None, activation, g, dtype)
+    # z ~ 1e3 carries ~1e-4 absolute float32 rounding whatever the kernel does, and act'(z)
+    # near z = 0 turns it into ~1e-4 relative error in dz: the point here is finiteness.
+    out, grads = check(x, w, None, None, activation, g, dtype, factor=10.0)
     assert torch.isfinite(out).all() and all(torch.isfinite(v).all() for v in grads.values())
 
 
