@@ -33,12 +33,10 @@ it runs on its own gradients, which are finite and timed the same.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation
+from .registry import Case, Family, Implementation, package_missing
 
 ROWS = (4096, 16384)
 CLASSES = (32000, 128256, 262144)
@@ -166,10 +164,7 @@ def _compile_setup(case, input_sets):
     return _rotating(loss_fn, case, input_sets)
 
 
-def _liger_unavailable():
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed"
-    return None
+_liger_unavailable = package_missing("liger_kernel", "liger-kernel")
 
 
 def _liger_loss_module(reduction: str):

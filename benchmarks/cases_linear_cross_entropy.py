@@ -43,12 +43,10 @@ kernels (~60 s), Liger and cut-cross-entropy (~10–20 s each): about 2.5 minute
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation, fusedops_tier_unavailable
+from .registry import Case, Family, Implementation, fusedops_tier_unavailable, package_missing
 
 TOKENS = 16384
 HIDDEN = 4096
@@ -211,10 +209,7 @@ def _compile_setup(case, input_sets):
     return _rotating(lambda x, w, t: compiled(x, w, t, reduction), case, input_sets)
 
 
-def _liger_unavailable():
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed"
-    return None
+_liger_unavailable = package_missing("liger_kernel", "liger-kernel")
 
 
 def _liger_loss_module(reduction: str):
@@ -236,10 +231,7 @@ def _liger_setup(case, input_sets):
     return _rotating(loss_fn, case, input_sets)
 
 
-def _cce_unavailable():
-    if importlib.util.find_spec("cut_cross_entropy") is None:
-        return "cut-cross-entropy is not installed"
-    return None
+_cce_unavailable = package_missing("cut_cross_entropy", "cut-cross-entropy")
 
 
 def _cce_setup(exact: bool):

@@ -138,3 +138,16 @@ def fusedops_tier_unavailable(tier: str, op_name: str, probe: Callable[[], Any],
         except Exception:  # noqa: BLE001 - the measurement records it, with its traceback
             pass
     return cache[tier]
+
+
+def package_missing(module: str, pip_name: str) -> Callable[[], str | None]:
+    """An ``unavailable`` for a baseline from an optional package: why not, when it is absent."""
+
+    def unavailable() -> str | None:
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            return f"{pip_name} is not installed"
+        return None
+
+    return unavailable

@@ -13,36 +13,23 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_package import PKG, ROOT, load
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _package() -> str:
-    try:
-        importlib.import_module("fusedops.benchmarks")
-        return "fusedops.benchmarks"
-    except ImportError:  # fusedops not installed: use the checkout's benchmarks/ directly
-        sys.path.insert(0, str(ROOT))
-        return "benchmarks"
-
-
-PKG = _package()
-registry = importlib.import_module(f"{PKG}.registry")
-ce = importlib.import_module(f"{PKG}.cases_cross_entropy")
-store_mod = importlib.import_module(f"{PKG}.store")
-compare = importlib.import_module(f"{PKG}.compare")
-render = importlib.import_module(f"{PKG}.render")
-runner_mod = importlib.import_module(f"{PKG}.runner")
-timing = importlib.import_module(f"{PKG}.timing")
-environment = importlib.import_module(f"{PKG}.environment")
-ceilings_mod = importlib.import_module(f"{PKG}.ceilings")
-report = importlib.import_module(f"{PKG}.report")
-selfcheck = importlib.import_module(f"{PKG}.selfcheck")
+registry = load("registry")
+ce = load("cases_cross_entropy")
+store_mod = load("store")
+compare = load("compare")
+render = load("render")
+runner_mod = load("runner")
+timing = load("timing")
+environment = load("environment")
+ceilings_mod = load("ceilings")
+report = load("report")
+selfcheck = load("selfcheck")
 
 
 def _case(mode="fwd", n=16384, c=128256, dtype="bfloat16"):

@@ -8,34 +8,20 @@ the baselines on small CPU tensors (they compute the op, or its gradients).
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_package import load
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _package() -> str:
-    try:
-        importlib.import_module("fusedops.benchmarks")
-        return "fusedops.benchmarks"
-    except ImportError:  # fusedops not installed: use the checkout's benchmarks/ directly
-        sys.path.insert(0, str(ROOT))
-        return "benchmarks"
-
-
-PKG = _package()
-registry = importlib.import_module(f"{PKG}.registry")
-lin = importlib.import_module(f"{PKG}.cases_linear")
-lce = importlib.import_module(f"{PKG}.cases_linear_cross_entropy")
-render = importlib.import_module(f"{PKG}.render")
-report = importlib.import_module(f"{PKG}.report")
-runner_mod = importlib.import_module(f"{PKG}.runner")
-ceilings_mod = importlib.import_module(f"{PKG}.ceilings")
-compare = importlib.import_module(f"{PKG}.compare")
+registry = load("registry")
+lin = load("cases_linear")
+lce = load("cases_linear_cross_entropy")
+render = load("render")
+report = load("report")
+runner_mod = load("runner")
+ceilings_mod = load("ceilings")
+compare = load("compare")
 
 
 def _grads_close(got, want, rtol):
