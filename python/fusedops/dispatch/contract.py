@@ -78,6 +78,14 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def new_output_like(like: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``torch.empty_like(like, **kwargs)`` (strides kept), NaN-filled like ``new_output``."""
+    out = torch.empty_like(like, **kwargs)
+    if os.environ.get(POISON_ENV_VAR) == "1":
+        out.fill_(math.nan)
+    return out
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

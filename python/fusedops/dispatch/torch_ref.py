@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedops.dispatch import contract, linear_contract
+from fusedops.dispatch import attention_contract, contract, linear_contract
 
 NAME = "torch"
 
@@ -221,3 +221,124 @@ linear_ops = linear_contract.register_linear_ops(NAME, _linear_fwd, _linear_bwd,
                                                  _linear_weight_grad_accumulate)
 linear_fwd, linear_bwd = linear_ops.fwd, linear_ops.bwd
 linear_weight_grad_accumulate = linear_ops.weight_grad_accumulate
+
+
+# --- attention (see attention_contract.py) ----------------------------------------------
+# Materialises the scores of a chunk of query rows at a time (O(rows x Sk) memory, not
+# O(Sq x Sk)), computes the log-sum-exp from them and recomputes it in backward rather than
+# trusting the saved float32 one, so float64 inputs give a float64-exact oracle.
+
+_ATTENTION_CHUNK_ELEMENTS = 1 << 25  # score elements per chunk of query rows
+
+
+def attention_unsupported(q, k, v, packed: bool) -> str | None:
+    return None
+
+
+def _batched(q, k, v, packed):
+    """Packed (T, H, D) tensors as one batch (1, H, T, D); batched ones as they are."""
+    if packed:
+        return tuple(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    return q, k, v
+
+
+def _packed_positions(cu_seqlens, rows):
+    """Each row's sequence, its position in it and the sequence length; valid=False for a row
+    outside every sequence (possible only with malformed cu_seqlens)."""
+    cu = cu_seqlens.long()
+    batch = cu.numel() - 1
+    seq = torch.searchsorted(cu[1:], rows, right=True).clamp(max=max(batch - 1, 0))
+    start, end = cu[seq], cu[seq + 1]
+    valid = (rows >= start) & (rows < end) if batch > 0 else torch.zeros_like(rows, dtype=bool)
+    return seq, rows - start, end - start, valid
+
+
+def _visible(cu_q, cu_k, seqlen_q, seqlen_k, row0, row1, left, right, device):
+    """(row1 - row0, Sk) bool: which keys each query row in [row0, row1) sees."""
+    rows = torch.arange(row0, row1, device=device)
+    keys = torch.arange(seqlen_k, device=device)
+    if cu_q is None:
+        position = (rows + (seqlen_k - seqlen_q))[:, None]
+        key = keys[None, :]
+        same = True
+    else:
+        seq_q, pos_q, len_q, valid_q = _packed_positions(cu_q, rows)
+        seq_k, pos_k, _, valid_k = _packed_positions(cu_k, keys)
+        len_k = cu_k.long().diff()[seq_q] if cu_k.numel() > 1 else torch.zeros_like(seq_q)
+        position = (pos_q + len_k - len_q)[:, None]
+        key = pos_k[None, :]
+        same = valid_q[:, None] & valid_k[None, :] & (seq_q[:, None] == seq_k[None, :])
+    return same & (key >= position - left) & (key <= position + right)
+
+
+def _grouped(x, heads_kv):
+    """(B, Hq, r, D) -> (B, Hkv, G, r, D): the query heads of a group side by side."""
+    return x.reshape(x.shape[0], heads_kv, x.shape[1] // heads_kv, *x.shape[2:])
+
+
+def _attention_probabilities(q_rows, k, visible, scale):
+    """softmax of the visible scaled scores (B, Hkv, G, r, Sk); all-zero rows see no key."""
+    scores = _grouped(q_rows, k.shape[1]) @ k.unsqueeze(2).transpose(-1, -2) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(scores - finite_lse), lse
+
+
+def _row_chunks(q, seqlen_k):
+    batch, heads, seqlen_q = q.shape[:3]
+    step = max(1, _ATTENTION_CHUNK_ELEMENTS // max(1, batch * heads * seqlen_k))
+    return [(r, min(r + step, seqlen_q)) for r in range(0, seqlen_q, step)]
+
+
+def _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                   window_left, window_right, allow_tf32):
+    packed = attention_contract.is_packed(cu_seqlens_q)
+    acc = contract.accumulation_dtype(q.dtype)
+    qb, kb, vb = (t.to(acc) for t in _batched(q, k, v, packed))
+    seqlen_q, seqlen_k = qb.shape[2], kb.shape[2]
+    out = torch.empty(qb.shape, dtype=acc, device=q.device)
+    lse = torch.empty(qb.shape[:3], dtype=torch.float32, device=q.device)
+    for row0, row1 in _row_chunks(qb, seqlen_k):
+        visible = _visible(cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, row0, row1,
+                           window_left, window_right, q.device)
+        probs, lse_rows = _attention_probabilities(qb[:, :, row0:row1], kb, visible, scale)
+        out[:, :, row0:row1] = (probs @ vb.unsqueeze(2)).flatten(1, 2)
+        lse[:, :, row0:row1] = lse_rows.squeeze(-1).flatten(1, 2)
+    result = contract.new_output_like(q)
+    result.copy_(out.squeeze(0).transpose(0, 1) if packed else out)
+    return result, (lse.squeeze(0) if packed else lse).contiguous()
+
+
+def _attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                   max_seqlen_k, scale, window_left, window_right, allow_tf32, deterministic):
+    packed = attention_contract.is_packed(cu_seqlens_q)
+    acc = contract.accumulation_dtype(q.dtype)
+    qb, kb, vb = (t.to(acc) for t in _batched(q, k, v, packed))
+    dout, outb, _ = (t.to(acc) for t in _batched(grad_out, out, out, packed))
+    seqlen_q, seqlen_k = qb.shape[2], kb.shape[2]
+    heads_kv = kb.shape[1]
+    delta = (dout * outb).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
+    grad_q = torch.empty_like(qb)
+    grad_k, grad_v = torch.zeros_like(kb), torch.zeros_like(vb)
+    for row0, row1 in _row_chunks(qb, seqlen_k):
+        visible = _visible(cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, row0, row1,
+                           window_left, window_right, q.device)
+        q_rows = qb[:, :, row0:row1]
+        probs, _ = _attention_probabilities(q_rows, kb, visible, scale)
+        dout_rows = _grouped(dout[:, :, row0:row1], heads_kv)
+        grad_v += (probs.transpose(-1, -2) @ dout_rows).sum(2)
+        grad_probs = dout_rows @ vb.unsqueeze(2).transpose(-1, -2)
+        grad_scores = probs * (grad_probs - _grouped(delta[:, :, row0:row1], heads_kv)) * scale
+        grad_q[:, :, row0:row1] = (grad_scores @ kb.unsqueeze(2)).flatten(1, 2)
+        grad_k += (grad_scores.transpose(-1, -2) @ _grouped(q_rows, heads_kv)).sum(2)
+    grads = []
+    for grad, like in ((grad_q, q), (grad_k, k), (grad_v, v)):
+        result = contract.new_output_like(like)
+        result.copy_(grad.squeeze(0).transpose(0, 1) if packed else grad)
+        grads.append(result)
+    return tuple(grads)
+
+
+attention_ops = attention_contract.register_attention_ops(NAME, _attention_fwd, _attention_bwd)
+attention_fwd, attention_bwd = attention_ops.fwd, attention_ops.bwd

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from fusedops.dispatch import contract, linear_contract
+from fusedops.dispatch import attention_contract, contract, linear_contract
 
 NAME = "triton"
 
@@ -187,3 +187,62 @@ linear_ops = linear_contract.register_linear_ops(NAME, _linear_fwd, _linear_bwd,
                                                  _linear_weight_grad_accumulate)
 linear_fwd, linear_bwd = linear_ops.fwd, linear_ops.bwd
 linear_weight_grad_accumulate = linear_ops.weight_grad_accumulate
+
+
+# --- attention (see attention_contract.py) ----------------------------------------------
+
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_GRID_LIMIT = 65535  # CUDA's limit on the grid's y and z dimensions (heads and batch)
+
+
+def attention_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool
+                          ) -> str | None:
+    """None when the kernels cover this call (arguments already checked), else the reason."""
+    if q.dtype not in _ATTENTION_DTYPES:
+        return f"{q.dtype} inputs (the Triton kernels take float16, bfloat16 and float32)"
+    head_dim = q.shape[-1]
+    if head_dim not in attention_contract.HEAD_DIMS:
+        return f"head dim {head_dim} (the kernels take {attention_contract.HEAD_DIMS})"
+    heads = q.shape[-2] if packed else q.shape[1]
+    batch = None if packed else q.shape[0]
+    if heads > _GRID_LIMIT or (batch is not None and batch > _GRID_LIMIT):
+        return f"more than {_GRID_LIMIT} heads or sequences in one call"
+    if q.device.type == "cpu":
+        if not _interpreting():
+            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+    elif q.device.type != "cuda":
+        return f"tensors on {q.device.type} (the Triton tier runs on CUDA devices)"
+    return None
+
+
+def _attention_kernels():
+    # Imported here, not at the top: TRITON_INTERPRET must be decided before triton loads.
+    from fusedops.triton_kernels import attention
+
+    return attention
+
+
+def _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                   window_left, window_right, allow_tf32):
+    out = contract.new_output_like(q)
+    lse = contract.new_output(attention_contract.lse_shape(
+        q, attention_contract.is_packed(cu_seqlens_q)), dtype=torch.float32, device=q.device)
+    _attention_kernels().attention_fwd_launch(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                              max_seqlen_q, max_seqlen_k, scale, window_left,
+                                              window_right, allow_tf32, out, lse)
+    return out, lse
+
+
+def _attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                   max_seqlen_k, scale, window_left, window_right, allow_tf32, deterministic):
+    # The backward never adds into memory another program writes: always deterministic.
+    grad_q, grad_k, grad_v = (contract.new_output_like(t) for t in (q, k, v))
+    _attention_kernels().attention_bwd_launch(grad_out, q, k, v, out, lse, cu_seqlens_q,
+                                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                              window_left, window_right, allow_tf32, grad_q,
+                                              grad_k, grad_v)
+    return grad_q, grad_k, grad_v
+
+
+attention_ops = attention_contract.register_attention_ops(NAME, _attention_fwd, _attention_bwd)
+attention_fwd, attention_bwd = attention_ops.fwd, attention_ops.bwd
