@@ -130,17 +130,25 @@ def attention_unsupported(tier, q, k, v, packed):
 
 
 class AttentionFunction(torch.autograd.Function):
-    """One attention_fwd launch forward (out and lse); one attention_bwd back."""
+    """One attention_fwd launch forward (out and lse); one attention_bwd back.
+
+    Takes each distinct tensor once (``roles`` maps q, k, v, cu_seqlens_q, cu_seqlens_k to
+    positions in ``tensors``, -1 for None): self-attention may pass one tensor as q, k and v,
+    and a packed batch the same cu_seqlens twice, which torch.compile cannot trace as
+    separate inputs of one autograd.Function. A tensor in several roles gets the sum of their
+    gradients.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                window_left, window_right, tier_name, tf32, deterministic):
-        tier = dispatch.TIERS[tier_name]
-        out, lse = tier.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, scale, window_left, window_right, tf32)
+    def forward(ctx, roles, options, *tensors):
+        q, k, v, cu_seqlens_q, cu_seqlens_k = (tensors[i] if i >= 0 else None for i in roles)
+        (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, tier_name, tf32,
+         deterministic) = options
+        out, lse = dispatch.TIERS[tier_name].attention_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+            window_left, window_right, tf32)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.options = (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, tier_name,
-                       tf32, deterministic)
+        ctx.roles, ctx.options = roles, options
         ctx.mark_non_differentiable(lse)  # as FlashAttention's: a gradient of lse is ignored
         return out, lse
 
@@ -151,12 +159,15 @@ class AttentionFunction(torch.autograd.Function):
          deterministic) = ctx.options
         if grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of a .sum()
             grad_out = grad_out.contiguous()
-        grads = dispatch.TIERS[tier_name].attention_bwd(
+        role_grads = dispatch.TIERS[tier_name].attention_bwd(
             grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             max_seqlen_k, scale, window_left, window_right, tf32, deterministic)
-        grad_q, grad_k, grad_v = (grad if needed else None
-                                  for grad, needed in zip(grads, ctx.needs_input_grad[:3]))
-        return grad_q, grad_k, grad_v, *([None] * 10)
+        grads = [None] * (len(ctx.needs_input_grad) - 2)
+        for position, grad in zip(ctx.roles, role_grads):
+            if ctx.needs_input_grad[2 + position]:
+                previous = grads[position]
+                grads[position] = grad if previous is None else previous + grad
+        return None, None, *grads
 
 
 def run_attention(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
@@ -166,9 +177,18 @@ def run_attention(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     tier = dispatch.select(op, q.device,
                            lambda t: attention_unsupported(t, q, k, v, packed))
     tf32 = q.dtype == torch.float32 and allow_tf32()
-    return AttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, scale, window_left, window_right, tier.NAME,
-                                   tf32, deterministic)
+    tensors, roles = [], []
+    for tensor in (q, k, v, cu_seqlens_q, cu_seqlens_k):
+        if tensor is None:
+            roles.append(-1)
+            continue
+        same = [i for i, seen in enumerate(tensors) if seen is tensor]
+        if not same:
+            tensors.append(tensor)
+        roles.append(same[0] if same else len(tensors) - 1)
+    options = (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, tier.NAME, tf32,
+               deterministic)
+    return AttentionFunction.apply(tuple(roles), options, *tensors)
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=False,
