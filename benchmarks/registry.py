@@ -27,6 +27,7 @@ FAMILY_MODULES: dict[str, str] = {
     "cross_entropy": "cases_cross_entropy",
     "linear": "cases_linear",
     "linear_cross_entropy": "cases_linear_cross_entropy",
+    "attention": "cases_attention",
 }
 
 

@@ -30,7 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedops.triton_kernels import cross_entropy, matmul  # noqa: E402
+from fusedops.triton_kernels import attention, cross_entropy, matmul  # noqa: E402
 
 ARCHES = (80, 90)
 LOGIT_TYPES = ("fp32", "fp16", "bf16")
@@ -109,7 +109,57 @@ def linear_cases():
            flags(prologue="silu", store_dz=True, rowsum=True, compute_c=False), ())
 
 
-def compile_case(kernel, types, constants, arch, aligned):
+ATTENTION_MMA = {80: ("mma.sync",), 90: ("wgmma.mma_async",)}
+ATTENTION_SCALARS = ("seqlen_q", "seqlen_k", "group_size", "window_left", "window_right",
+                     "tune_key_seqlen")
+
+
+def attention_cases():
+    """Flash attention as the launchers use it on a GPU: for each head-dim class its first
+    (BLOCK_M, BLOCK_N, warps, stages) configuration, every dtype (float32 as tf32), batched
+    and packed; the forward, both backward kernels and the preprocessing pass."""
+    kernels = (("fwd", attention.attention_fwd_kernel, attention._FWD_CONFIGS),
+               ("bwd_kv", attention.attention_bwd_kv_kernel, attention._BWD_KV_CONFIGS),
+               ("bwd_q", attention.attention_bwd_q_kernel, attention._BWD_Q_CONFIGS))
+    for head_dim, dtype, varlen in itertools.product((64, 96, 128, 256),
+                                                     ("fp16", "bf16", "fp32"), (False, True)):
+        if dtype == "fp32" and head_dim != 128 or varlen and head_dim not in (64, 128):
+            continue  # fp32 and the packed layout once per class suffice
+        block_d = attention.triton.next_power_of_2(head_dim)
+        precision = "tf32" if dtype == "fp32" else "ieee"
+        tensor_names = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "grad_q_ptr",
+                        "grad_k_ptr", "grad_v_ptr")
+        for kind, kernel, table in kernels:
+            block_m, block_n, warps, stages = table[attention._head_dim_class(block_d)][0]
+            types = {name: "i32" for name in kernel.arg_names
+                     if name.startswith("stride") or name in ATTENTION_SCALARS}
+            types.update({name: f"*{dtype}" for name in tensor_names})
+            types.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "scale": "fp32",
+                          "scale_log2": "fp32"})
+            constants = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": block_m,
+                         "BLOCK_N": block_n, "VARLEN": varlen, "INPUT_PRECISION": precision}
+            if varlen:
+                types.update(cu_seqlens_q_ptr="*i32", cu_seqlens_k_ptr="*i32")
+            else:
+                constants.update(cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None)
+            tag = f"{dtype}/D{head_dim}/{'packed' if varlen else 'batched'}"
+            yield (f"attention_{kind}[{tag}]", kernel, types, constants, ATTENTION_MMA,
+                   {"num_warps": warps, "num_stages": stages})
+        if head_dim == 128 and dtype == "bf16":
+            kernel = attention.attention_bwd_preprocess_kernel
+            types = {name: "i32" for name in kernel.arg_names
+                     if name.startswith("stride") or name == "seqlen_q"}
+            types.update(out_ptr="*bf16", grad_out_ptr="*bf16", delta_ptr="*fp32")
+            constants = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "VARLEN": varlen,
+                         "BLOCK_M": attention._PREPROCESS_BLOCK_M,
+                         **({} if varlen else {"cu_seqlens_q_ptr": None})}
+            if varlen:
+                types["cu_seqlens_q_ptr"] = "*i32"
+            yield (f"attention_bwd_preprocess[{'packed' if varlen else 'batched'}]", kernel,
+                   types, constants, ("ld.global.v4",), {"num_warps": 4})
+
+
+def compile_case(kernel, types, constants, arch, aligned, options=None):
     arg_names = kernel.arg_names
     signature = {name: types.get(name, "constexpr") for name in arg_names}
     attrs = None
@@ -119,15 +169,17 @@ def compile_case(kernel, types, constants, arch, aligned):
                                        or name in ("C", "M", "N", "K")
                                        or name.startswith("stride"))}
     source = ASTSource(kernel, signature, constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=options or {"num_warps": 8})
 
 
 def main() -> int:
     failures = []
     count = 0
     unaligned_done = set()
-    for name, kernel, types, constants, required in itertools.chain(cross_entropy_cases(),
-                                                                    linear_cases()):
+    cases = itertools.chain(((*case, None) for case in cross_entropy_cases()),
+                            ((*case, None) for case in linear_cases()), attention_cases())
+    for name, kernel, types, constants, required, options in cases:
         # Unaligned: each kernel and flag set once (one dtype), on the newest arch.
         key = (kernel.fn.__name__, tuple(constants.items()))
         variants = [(arch, True) for arch in ARCHES]
@@ -138,7 +190,7 @@ def main() -> int:
             count += 1
             label = f"sm_{arch} {name}{'' if aligned else ' unaligned'}"
             try:
-                compiled = compile_case(kernel, types, constants, arch, aligned)
+                compiled = compile_case(kernel, types, constants, arch, aligned, options)
                 assert compiled.asm.get("cubin"), "no cubin produced"
             except Exception as error:  # report every failure, not only the first
                 failures.append(f"{label}: {type(error).__name__}: {error}")

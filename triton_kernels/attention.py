@@ -47,7 +47,10 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
-LN_2 = 0.6931471805599453
+# The same constants as kernels may read them (a @triton.jit function sees only constexpr
+# globals).
+KERNEL_LOG2_E = tl.constexpr(LOG2_E)
+KERNEL_LN_2 = tl.constexpr(0.6931471805599453)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -223,7 +226,7 @@ def attention_fwd_kernel(
 
     sees_keys = l_i > 0.0
     out = acc / tl.where(sees_keys, l_i, 1.0)[:, None]
-    lse = tl.where(sees_keys, (m_i + tl.math.log2(tl.where(sees_keys, l_i, 1.0))) * LN_2,
+    lse = tl.where(sees_keys, (m_i + tl.math.log2(tl.where(sees_keys, l_i, 1.0))) * KERNEL_LN_2,
                    float("-inf"))
     out_base = (out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
                 + q_first.to(tl.int64) * stride_os)
@@ -270,7 +273,7 @@ def _load_row_stats(lse_base, delta_base, rows, len_q):
     """(lse in base 2, delta) of query rows; rows that see no key, or lie past the sequence,
     get lse = +inf so that their recomputed probabilities are exactly 0."""
     lse = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2_E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * KERNEL_LOG2_E
     delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
     return lse, delta
 
@@ -287,10 +290,10 @@ def _bwd_kv_query_blocks(grad_k, grad_v, k, v, q_base, dout_base, lse_base, delt
         dout = _load_rows(dout_base, rows, stride_gs, offs_d, len_q, HEAD_DIM, BLOCK_D, MASKED)
         lse, delta = _load_row_stats(lse_base, delta_base, rows, len_q)
         scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
+        if MASKED:  # -inf before exp2: a hidden key's score may exceed the row's lse
+            scores = tl.where(_visible_mask(rows, keys, len_q, len_k, window_left,
+                                            window_right), scores, float("-inf"))
         p = tl.math.exp2(scores - lse[:, None])                       # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            p = tl.where(_visible_mask(rows, keys, len_q, len_k, window_left, window_right),
-                         p, 0.0)
         grad_v = tl.dot(tl.trans(p.to(dout.dtype)), dout, grad_v,
                         input_precision=INPUT_PRECISION)
         grad_p = tl.dot(dout, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -374,10 +377,10 @@ def _bwd_q_key_blocks(grad_q, q, dout, lse, delta, k_base, v_base, stride_ks, st
         k = _load_rows(k_base, keys, stride_ks, offs_d, len_k, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_rows(v_base, keys, stride_vs, offs_d, len_k, HEAD_DIM, BLOCK_D, MASKED)
         scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
-        p = tl.math.exp2(scores - lse[:, None])
         if MASKED:
-            p = tl.where(_visible_mask(rows, keys, len_q, len_k, window_left, window_right),
-                         p, 0.0)
+            scores = tl.where(_visible_mask(rows, keys, len_q, len_k, window_left,
+                                            window_right), scores, float("-inf"))
+        p = tl.math.exp2(scores - lse[:, None])
         grad_p = tl.dot(dout, tl.trans(v), input_precision=INPUT_PRECISION)
         grad_s = p * (grad_p - delta[:, None])
         grad_q = tl.dot(grad_s.to(k.dtype), k, grad_q, input_precision=INPUT_PRECISION)

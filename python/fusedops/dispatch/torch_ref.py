@@ -273,7 +273,8 @@ def _visible(cu_q, cu_k, seqlen_q, seqlen_k, row0, row1, left, right, device):
 
 def _grouped(x, heads_kv):
     """(B, Hq, r, D) -> (B, Hkv, G, r, D): the query heads of a group side by side."""
-    return x.reshape(x.shape[0], heads_kv, x.shape[1] // heads_kv, *x.shape[2:])
+    group = x.shape[1] // heads_kv if heads_kv else 0  # zero heads: an empty (B, 0, 0, ...)
+    return x.reshape(x.shape[0], heads_kv, group, *x.shape[2:])
 
 
 def _attention_probabilities(q_rows, k, visible, scale):
