@@ -195,12 +195,45 @@ def test_deterministic_backward_is_bitwise_reproducible(attention_tier):
 
     def grads():
         with fusedops.use_backend(attention_tier):
-            out = fusedops.attention(q, k, v, causal=True, deterministic=True)
+            out = fusedops.attention(q, k, v, causal=True, window=(20, 0), deterministic=True)
         return torch.autograd.grad(out, (q, k, v), grad_out)
 
     first, second = grads(), grads()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = reference(*ref_inputs, True, (20, 0))
+    for name, got, want in zip(("grad_q", "grad_k", "grad_v"), first,
+                               torch.autograd.grad(ref_out, ref_inputs, grad_out.double())):
+        assert_close(got, want, torch.float32, f"deterministic {name}")
+
+
+@pytest.mark.parametrize("how", ["argument", "use_deterministic_algorithms", "default"])
+def test_deterministic_reaches_the_kernels(attention_tier, how, monkeypatch):
+    """deterministic=True and torch.use_deterministic_algorithms(True) both reach the tier's
+    attention_bwd (the Triton tier then computes dQ in its own kernel, without atomics)."""
+    seen = []
+    tier_module = fusedops.dispatch.TIERS[attention_tier]
+    original = tier_module.attention_bwd
+
+    def spy(*args):
+        seen.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(tier_module, "attention_bwd", spy)
+    q = make((1, 2, 9, 16), torch.float32)
+    with fusedops.use_backend(attention_tier):
+        if how == "use_deterministic_algorithms":
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                out = fusedops.attention(q, q, q)
+            finally:
+                torch.use_deterministic_algorithms(previous)
+        else:
+            out = fusedops.attention(q, q, q, deterministic=how == "argument")
+    torch.autograd.grad(out.sum(), (q,))
+    assert seen == [how != "default"]
 
 
 def test_no_grad_saves_nothing(attention_tier):

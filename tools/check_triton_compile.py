@@ -129,7 +129,9 @@ def attention_cases():
         precision = "tf32" if dtype == "fp32" else "ieee"
         tensor_names = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "grad_q_ptr",
                         "grad_k_ptr", "grad_v_ptr")
-        for kind, kernel, table in kernels:
+        variants = [(kind, kernel, table, False) for kind, kernel, table in kernels]
+        variants.insert(2, ("bwd_kv_atomic_dq", kernels[1][1], kernels[1][2], True))
+        for kind, kernel, table, atomic_dq in variants:
             block_m, block_n, warps, stages = table[attention._head_dim_class(block_d)][0]
             types = {name: "i32" for name in kernel.arg_names
                      if name.startswith("stride") or name in ATTENTION_SCALARS}
@@ -138,12 +140,20 @@ def attention_cases():
                           "scale_log2": "fp32"})
             constants = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": block_m,
                          "BLOCK_N": block_n, "VARLEN": varlen, "INPUT_PRECISION": precision}
+            required = ATTENTION_MMA
+            if kernel is attention.attention_bwd_kv_kernel:
+                constants["ATOMIC_DQ"] = atomic_dq
+                if atomic_dq:  # float32 reductions into dQ, as red/atom instructions
+                    types["grad_q_accum_ptr"] = "*fp32"
+                    required = {arch: (*ops, "atom.global") for arch, ops in required.items()}
+                else:
+                    constants["grad_q_accum_ptr"] = None
             if varlen:
                 types.update(cu_seqlens_q_ptr="*i32", cu_seqlens_k_ptr="*i32")
             else:
                 constants.update(cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None)
             tag = f"{dtype}/D{head_dim}/{'packed' if varlen else 'batched'}"
-            yield (f"attention_{kind}[{tag}]", kernel, types, constants, ATTENTION_MMA,
+            yield (f"attention_{kind}[{tag}]", kernel, types, constants, required,
                    {"num_warps": warps, "num_stages": stages})
         if head_dim == 128 and dtype == "bf16":
             kernel = attention.attention_bwd_preprocess_kernel

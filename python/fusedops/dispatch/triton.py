@@ -235,12 +235,11 @@ def _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 def _attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                    max_seqlen_k, scale, window_left, window_right, allow_tf32, deterministic):
-    # The backward never adds into memory another program writes: always deterministic.
     grad_q, grad_k, grad_v = (contract.new_output_like(t) for t in (q, k, v))
     _attention_kernels().attention_bwd_launch(grad_out, q, k, v, out, lse, cu_seqlens_q,
                                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                              window_left, window_right, allow_tf32, grad_q,
-                                              grad_k, grad_v)
+                                              window_left, window_right, allow_tf32,
+                                              deterministic, grad_q, grad_k, grad_v)
     return grad_q, grad_k, grad_v
 
 

@@ -177,6 +177,8 @@ def run_attention(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     tier = dispatch.select(op, q.device,
                            lambda t: attention_unsupported(t, q, k, v, packed))
     tf32 = q.dtype == torch.float32 and allow_tf32()
+    # As torch's own ops: use_deterministic_algorithms(True) makes every backward reproducible.
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     tensors, roles = [], []
     for tensor in (q, k, v, cu_seqlens_q, cu_seqlens_k):
         if tensor is None:
@@ -201,7 +203,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     ``.transpose(1, 2)``, and the output is laid out like q. ``scale`` defaults to
     ``1 / sqrt(D)``. Returns the output ``(B, Hq, Sq, D)``, and with ``return_lse=True`` also
     the float32 log-sum-exp ``(B, Hq, Sq)`` (not differentiable). ``deterministic=True``
-    asks for bitwise reproducible gradients.
+    (or ``torch.use_deterministic_algorithms(True)``) makes the gradients bitwise
+    reproducible; otherwise a tier may sum dQ in an order that varies from run to run.
     """
     op = "attention"
     _check_tensors(op, q, k, v, 4, "(batch, heads, seqlen, head_dim)")
