@@ -18,10 +18,12 @@ cases.
 Implementations:
 
 - ``fusedops-triton``, ``fusedops-cuda``: ``fusedops.attention(q, k, v, causal=...)`` under
-  ``fusedops.use_backend(tier)``. Skipped, with the reason, where ``fusedops.backends()``
-  reports the tier unavailable, where ``fusedops.attention`` does not exist yet, where a
-  tiny forced forward+backward raises ``NotImplementedError`` (the tier has no attention),
-  and per case where a tiny call with the case's D, dtype, masking and mode raises it.
+  ``fusedops.use_backend(tier)``; ``fusedops-triton-deterministic`` the same with
+  ``deterministic=True`` (its bitwise reproducible backward; left out of ``--quick``).
+  Skipped, with the reason, where ``fusedops.backends()`` reports the tier unavailable,
+  where ``fusedops.attention`` does not exist yet, where a tiny forced forward+backward
+  raises ``NotImplementedError`` (the tier has no attention), and per case where a tiny
+  call with the case's D, dtype, masking and mode raises it.
 - ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``: ``F.scaled_dot_product_attention(q,
   k, v, is_causal=...)`` under ``torch.nn.attention.sdpa_kernel`` with one backend:
   FLASH_ATTENTION (torch's bundled FlashAttention-2; skipped if this process swapped another
@@ -47,8 +49,8 @@ Implementations:
 FLOPs (FlashAttention's convention, the matmuls only): forward 4·B·H·S²·D (q·kᵀ and P·v,
 2·B·H·S²·D each); backward 2.5× the forward (5 matmuls against 2: recomputed q·kᵀ, dO·vᵀ,
 Pᵀ·dO, dSᵀ·q and dS·k); forward+backward 3.5× the forward. Causal counts half. An
-implementation that recomputes more in its backward (fusedops' Triton tier: 7 matmuls) does
-more than it is credited with.
+implementation that recomputes more in its backward (fusedops' deterministic Triton backward:
+7 matmuls) does more than it is credited with.
 
 Bytes (the fewest the op must move, e = 2 for bf16, N = B·H·S·D elements per tensor,
 R = B·H·S rows, one float32 lse per row; causal does not change them, every element is still
@@ -279,12 +281,12 @@ def _probe(key: tuple, call, catch: tuple[type[BaseException], ...], say) -> str
 # --- fusedops tiers ---------------------------------------------------------------------
 
 
-def _fusedops_forward(tier: str, causal: bool):
+def _fusedops_forward(tier: str, causal: bool, deterministic: bool = False):
     import fusedops
 
     def forward(q, k, v):
         with fusedops.use_backend(tier):
-            return fusedops.attention(q, k, v, causal=causal)
+            return fusedops.attention(q, k, v, causal=causal, deterministic=deterministic)
 
     return forward
 
@@ -317,14 +319,18 @@ def fusedops_unsupported(tier: str, case: Case) -> str | None:
                               f"{exc}")
 
 
-def _fusedops_tier(tier: str) -> Implementation:
+def _fusedops_tier(tier: str, deterministic: bool = False) -> Implementation:
     def setup(case, input_sets):
-        return _rotating(_fusedops_forward(tier, case.params["causal"]), case, input_sets)
+        return _rotating(_fusedops_forward(tier, case.params["causal"], deterministic), case,
+                         input_sets)
 
-    return Implementation(name=f"fusedops-{tier}", setup=setup,
+    suffix = "-deterministic" if deterministic else ""
+    return Implementation(name=f"fusedops-{tier}{suffix}", setup=setup,
                           unavailable=lambda: fusedops_unavailable(tier),
                           unsupported=lambda case: fusedops_unsupported(tier, case),
-                          baseline=False, note=f'fusedops.use_backend("{tier}")')
+                          baseline=False, quick=not deterministic,
+                          note=f'fusedops.use_backend("{tier}")'
+                               + (", deterministic=True" if deterministic else ""))
 
 
 # --- SDPA backends ----------------------------------------------------------------------
@@ -520,6 +526,7 @@ def flash_attn_4_unsupported(case: Case) -> str | None:
 
 IMPLEMENTATIONS = (
     _fusedops_tier("triton"),
+    _fusedops_tier("triton", deterministic=True),
     _fusedops_tier("cuda"),
     _sdpa("sdpa-flash", "FLASH_ATTENTION",
           "F.scaled_dot_product_attention under sdpa_kernel(FLASH_ATTENTION): torch's "
@@ -542,7 +549,8 @@ IMPLEMENTATIONS = (
 FORMULAS = (
     "FLOPs (FlashAttention's convention, matmuls only): forward 4·B·H·S²·D; backward 2.5× "
     "the forward (5 matmuls against 2); forward+backward 3.5×; causal counts half. A "
-    "backward that recomputes more (fusedops' Triton tier: 7 matmuls) is credited only "
+    "backward that recomputes more (fusedops' deterministic Triton backward: 7 matmuls) is "
+    "credited only "
     "these. `× sdpa-flash` is against SDPA's FlashAttention-2 backend, `× sdpa-cudnn` "
     "against its cuDNN backend, both measured in this run. Bytes (e = 2 for bf16, N = "
     "B·H·S·D, R = B·H·S rows, a float32 lse per row): forward 4·N·e (read q, k, v, write "

@@ -1,9 +1,9 @@
 """Op families, by name: what a family is, and where each one lives.
 
-A family (cross-entropy now; matmul, conv and attention to come) is one ``cases_<name>.py``
-module that defines ``FAMILY = Family(...)``, and one line in ``FAMILY_MODULES`` below. The
-runner, the store and the writers are generic: they only see ``Case``, ``Implementation``
-and the family's byte and FLOP counts.
+A family (cross-entropy, linear, linear-cross-entropy and attention now; conv to come) is
+one ``cases_<name>.py`` module that defines ``FAMILY = Family(...)``, and one line in
+``FAMILY_MODULES`` below. The runner, the store and the writers are generic: they only see
+``Case``, ``Implementation`` and the family's byte and FLOP counts.
 
 Adding a family::
 

@@ -29,7 +29,8 @@ EPILOG = textwrap.dedent("""\
       the Markdown report); GB/s and TFLOP/s, as a percentage of the ceilings measured in
       the same run (a 1 GiB device-to-device copy, read + write; a bf16 8192^3 matmul);
       peak memory beyond the inputs; speed ratios against the baselines measured in the
-      same run (eager torch, torch.compile, Liger-Kernel when installed). A failing
+      same run (eager torch, torch.compile, cuBLAS, SDPA's flash, cuDNN and efficient
+      backends, FlexAttention, Liger-Kernel and flash-attn-4 when installed). A failing
       implementation (an exception, an OOM) is recorded with its error and the run goes on;
       an unavailable fusedops tier is recorded as skipped, with the reason.
 

@@ -27,8 +27,8 @@ runner_mod = load("runner")
 ceilings_mod = load("ceilings")
 compare = load("compare")
 
-NAMES = ["fusedops-triton", "fusedops-cuda", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
-         "flex-attention", "eager-math", "flash-attn-4"]
+NAMES = ["fusedops-triton", "fusedops-triton-deterministic", "fusedops-cuda", "sdpa-flash",
+         "sdpa-cudnn", "sdpa-efficient", "flex-attention", "eager-math", "flash-attn-4"]
 
 
 def _small(mode, causal, seqlen=37, head_dim=16, batch=2, heads=3):
@@ -140,7 +140,7 @@ def test_quick():
     assert not att.make_case("fwd", 4096, 128, False, batch=1, heads=2).quick
     family = registry.get_family("attention")
     assert [i.name for i in family.implementations if not i.quick] == [
-        "flex-attention", "flash-attn-4"]
+        "fusedops-triton-deterministic", "flex-attention", "flash-attn-4"]
 
 
 def test_registry():
@@ -148,7 +148,7 @@ def test_registry():
     family = registry.get_family("attention")
     assert family.name == "attention" and family is att.FAMILY
     assert [i.name for i in family.implementations] == NAMES
-    assert [i.name for i in family.implementations if not i.baseline] == NAMES[:2]
+    assert [i.name for i in family.implementations if not i.baseline] == NAMES[:3]
     assert family.ratio_baselines == ("sdpa-flash", "sdpa-cudnn")
     assert family.bound == "compute" and family.panel_key == "mode"
     assert "4·B·H·S²·D" in family.formulas and "2.5×" in family.formulas
