@@ -428,3 +428,44 @@ def test_one_tensor_as_q_k_and_v(attention_tier):
                              fullgraph=True, backend="aot_eager")
     with fusedops.use_backend(attention_tier):
         assert_close(compiled(x), out.sum(), torch.float32, "compiled")
+
+
+def test_malformed_cu_seqlens_stay_in_bounds(attention_tier):
+    """The kernel level never checks cu_seqlens (that needs a host sync): decreasing offsets
+    and offsets past either end are clamped to [0, T), and a sequence longer than max_seqlen
+    is cut short. The call must not fault (on a GPU the sanitizer stage runs this under
+    compute-sanitizer), and the well-formed first sequence, which no other overlaps, keeps
+    its exact result."""
+    tier = fusedops.dispatch.TIERS[attention_tier]
+    tokens, heads, head_dim = 30, 2, 16
+    q, k, v = (torch.randn(tokens, heads, head_dim, device=DEVICE) for _ in range(3))
+    unbounded = attention_contract.UNBOUNDED
+    malformed = torch.tensor([0, 7, 20, 15, 1000, -5], dtype=torch.int32, device=DEVICE)
+    out, lse = tier.attention_fwd(q, k, v, malformed, malformed, 8, 8, 0.25, unbounded, 0,
+                                  False)
+    grads = tier.attention_bwd(torch.randn_like(out), q, k, v, out, lse, malformed, malformed,
+                               8, 8, 0.25, unbounded, 0, False, False)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape == q.shape and all(g.shape == q.shape for g in grads)
+    ref_out, ref_lse = reference(*(t[:7].transpose(0, 1).double() for t in (q, k, v)), True,
+                                 None, 0.25)
+    assert_close(out[:7], ref_out.transpose(0, 1), torch.float32, "out of the first sequence")
+    assert_close(lse[:, :7], ref_lse, torch.float32, "lse of the first sequence")
+
+
+@pytest.mark.gpu
+def test_varlen_long_packed_batch(attention_tier):
+    lengths = [4097, 1, 0, 2500, 333]
+    cu = cumulative(lengths)
+    q, k, v = (make((sum(lengths), h, 128), torch.bfloat16) for h in (8, 2, 2))
+    with fusedops.use_backend(attention_tier):
+        out = fusedops.attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths),
+                                        causal=True, window=(1024, 0))
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    for b in (0, 3):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        ref, _ = reference(*(t[rows].transpose(0, 1) for t in ref_inputs), True, (1024, 0))
+        assert_close(out[rows], ref.transpose(0, 1), torch.bfloat16, f"out of sequence {b}")
+    assert all(torch.isfinite(g).all() for g in grads)
