@@ -116,15 +116,16 @@ ATTENTION_SCALARS = ("seqlen_q", "seqlen_k", "group_size", "window_left", "windo
 
 def attention_cases():
     """Flash attention as the launchers use it on a GPU: for each head-dim class its first
-    (BLOCK_M, BLOCK_N, warps, stages) configuration, every dtype (float32 as tf32), batched
-    and packed; the forward, both backward kernels and the preprocessing pass."""
+    (BLOCK_M, BLOCK_N, warps, stages) configuration; the forward, the dK/dV kernel with and
+    without the atomic dQ, the dQ kernel and the preprocessing pass."""
     kernels = (("fwd", attention.attention_fwd_kernel, attention._FWD_CONFIGS),
                ("bwd_kv", attention.attention_bwd_kv_kernel, attention._BWD_KV_CONFIGS),
                ("bwd_q", attention.attention_bwd_q_kernel, attention._BWD_Q_CONFIGS))
     for head_dim, dtype, varlen in itertools.product((64, 96, 128, 256),
                                                      ("fp16", "bf16", "fp32"), (False, True)):
-        if dtype == "fp32" and head_dim != 128 or varlen and head_dim not in (64, 128):
-            continue  # fp32 and the packed layout once per class suffice
+        # bf16 at every head-dim class; fp16, fp32 (tf32) and the packed layout at D = 128.
+        if dtype != "bf16" and head_dim != 128 or varlen and (head_dim, dtype) != (128, "bf16"):
+            continue
         block_d = attention.triton.next_power_of_2(head_dim)
         precision = "tf32" if dtype == "fp32" else "ieee"
         tensor_names = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "grad_q_ptr",
