@@ -7,6 +7,7 @@ path of one call.
 from fusedops import nn
 from fusedops.dispatch import backends, use_backend
 from fusedops.ops.attention import attention, attention_varlen
+from fusedops.ops.conv import conv2d
 from fusedops.ops.cross_entropy import cross_entropy
 from fusedops.ops.linear import linear
 from fusedops.ops.linear_cross_entropy import linear_cross_entropy
@@ -14,5 +15,5 @@ from fusedops.ops.sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_varlen", "backends", "cross_entropy", "linear",
+__all__ = ["attention", "attention_varlen", "backends", "conv2d", "cross_entropy", "linear",
            "linear_cross_entropy", "nn", "scaled_dot_product_attention", "use_backend"]

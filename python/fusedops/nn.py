@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedops.ops.conv import check_activation as check_conv_activation
+from fusedops.ops.conv import conv2d
 from fusedops.ops.cross_entropy import cross_entropy
 from fusedops.ops.linear import check_activation, linear
 from fusedops.ops.linear_cross_entropy import linear_cross_entropy
@@ -73,6 +75,93 @@ class FusedLinear(torch.nn.Linear):
     def forward(self, input, residual=None):
         return linear(input, self.weight, self.bias, activation=self.activation,
                       residual=residual)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class FusedConv2d(torch.nn.Conv2d):
+    """``nn.Conv2d`` followed by an activation, as one fused convolution (``fusedops.conv2d``).
+
+    Takes nn.Conv2d's constructor arguments (``padding_mode`` honoured: a mode other than
+    "zeros" pads the input explicitly first, as nn.Conv2d does) and keeps its parameters and
+    state_dict keys; ``.activation`` holds the activation's name (None, "relu", "gelu",
+    "gelu_tanh" or "silu"). ``forward`` also takes an optional ``residual``, added before the
+    activation.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, *, activation=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        check_conv_activation(activation)
+        self.activation = activation
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None = None,
+                  activation=None) -> FusedConv2d:
+        """A FusedConv2d computing ``act(bn(conv(x)))``.
+
+        Without ``bn`` it shares ``conv``'s Parameter objects (an optimizer built before keeps
+        working). With an eval-mode ``bn`` (running statistics, for inference) the
+        normalisation is folded into new weight and bias parameters:
+        ``W' = W · γ / sqrt(var + ε)`` per output channel and
+        ``b' = (b − mean) · γ / sqrt(var + ε) + β``, computed in float64.
+        """
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise TypeError(f"FusedConv2d.from_conv: expected an nn.Conv2d, got "
+                            f"{type(conv).__name__}")
+        check_conv_activation(activation)
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "dilation", "transposed", "output_padding", "groups", "padding_mode",
+                     "_reversed_padding_repeated_twice"):
+            setattr(fused, name, getattr(conv, name))
+        fused.activation = activation
+        fused.train(conv.training)
+        if bn is None:
+            fused.weight, fused.bias = conv.weight, conv.bias
+            return fused
+        if not isinstance(bn, torch.nn.BatchNorm2d):
+            raise TypeError(f"FusedConv2d.from_conv: bn must be an nn.BatchNorm2d, got "
+                            f"{type(bn).__name__}")
+        if bn.training:
+            raise ValueError("FusedConv2d.from_conv: the BatchNorm2d is in training mode; "
+                             "folding uses its running statistics, which only describe "
+                             "inference: call .eval() on it (and fold for inference only)")
+        if not bn.track_running_stats or bn.running_mean is None:
+            raise ValueError("FusedConv2d.from_conv: the BatchNorm2d has no running "
+                             "statistics (track_running_stats=False) to fold")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"FusedConv2d.from_conv: bn has {bn.num_features} features but "
+                             f"the conv has {conv.out_channels} output channels")
+        with torch.no_grad():
+            weight = conv.weight.double()
+            inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+            gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(inv_std)
+            beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv_std)
+            scale = gamma * inv_std
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(inv_std)
+            folded_weight = weight * scale[:, None, None, None]
+            folded_bias = (bias - bn.running_mean.double()) * scale + beta
+        dtype = conv.weight.dtype
+        fused.weight = torch.nn.Parameter(folded_weight.to(dtype),
+                                          requires_grad=conv.weight.requires_grad)
+        fused.bias = torch.nn.Parameter(folded_bias.to(dtype),
+                                        requires_grad=conv.weight.requires_grad)
+        return fused
+
+    def forward(self, input, residual=None):
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                            mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
+                      self.groups, activation=self.activation, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"

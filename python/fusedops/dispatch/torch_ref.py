@@ -9,8 +9,9 @@ materialise an upcast copy of the logits: it is the reference, not the fast path
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from fusedops.dispatch import attention_contract, contract, linear_contract
+from fusedops.dispatch import attention_contract, contract, conv_contract, linear_contract
 
 NAME = "torch"
 
@@ -343,3 +344,78 @@ def _attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
 
 attention_ops = attention_contract.register_attention_ops(NAME, _attention_fwd, _attention_bwd)
 attention_fwd, attention_bwd = attention_ops.fwd, attention_ops.bwd
+
+
+# --- fused convolution (see conv_contract.py) ---------------------------------------------
+
+
+def conv2d_unsupported(input, weight, bias, residual, groups, activation) -> str | None:
+    return None
+
+
+def _explicitly_padded(x, weight, stride, pad, dilation, out_size):
+    """``x`` padded by (top, left) = pad and at the bottom/right as far as out_size needs."""
+    (pad_h, pad_w), (out_h, out_w) = pad, out_size
+    reach_h = (out_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
+    reach_w = (out_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
+    bottom = max(0, reach_h - x.shape[2] - pad_h)
+    right = max(0, reach_w - x.shape[3] - pad_w)
+    return F.pad(x, (pad_w, right, pad_h, bottom))
+
+
+def _conv2d_fwd(input, weight, bias, residual, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                dilation_w, out_h, out_w, groups, activation, out_channels_last, allow_tf32):
+    acc = contract.accumulation_dtype(input.dtype)
+    padded = _explicitly_padded(input.to(acc), weight, (stride_h, stride_w), (pad_h, pad_w),
+                                (dilation_h, dilation_w), (out_h, out_w))
+    z = F.conv2d(padded, weight.to(acc), None, (stride_h, stride_w), 0,
+                 (dilation_h, dilation_w), groups)[:, :, :out_h, :out_w]
+    if bias is not None:
+        z = z + bias.to(acc)[:, None, None]
+    if residual is not None:
+        z = z + residual.to(acc)
+    out = conv_contract.output_like(input, weight.shape[0], out_h, out_w, out_channels_last)
+    out.copy_(activation_forward(z, activation))
+    if linear_contract.saves_preactivation(activation):
+        saved = torch.empty_like(out)
+        saved.copy_(z)
+        return out, saved
+    return out, input.new_empty((0,))
+
+
+def _conv2d_bwd(grad_out, input, weight, saved, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                dilation_w, out_h, out_w, groups, activation, allow_tf32, needs_input_grad,
+                needs_weight_grad, needs_bias_grad, needs_preact_grad):
+    acc = contract.accumulation_dtype(input.dtype)
+    dz = grad_out.to(acc)
+    if activation != "none":
+        dz = dz * activation_derivative(saved.to(acc), activation)
+    padded = _explicitly_padded(input.to(acc), weight, (stride_h, stride_w), (pad_h, pad_w),
+                                (dilation_h, dilation_w), (out_h, out_w))
+    full_h = (padded.shape[2] - dilation_h * (weight.shape[2] - 1) - 1) // stride_h + 1
+    full_w = (padded.shape[3] - dilation_w * (weight.shape[3] - 1) - 1) // stride_w + 1
+    dz_full = F.pad(dz, (0, full_w - out_w, 0, full_h - out_h))  # the cropped outputs: zero
+    grad_padded, grad_weight, _ = torch.ops.aten.convolution_backward(
+        dz_full, padded, weight.to(acc), None, (stride_h, stride_w), (0, 0),
+        (dilation_h, dilation_w), False, (0, 0), groups,
+        (needs_input_grad, needs_weight_grad, False))
+
+    def empty():  # a fresh one each time: custom-op outputs may not alias each other
+        return input.new_empty((0,))
+
+    def like(source, template):
+        result = torch.empty_like(template)
+        result.copy_(source)
+        return result
+
+    height, width = input.shape[2], input.shape[3]
+    grad_input = (like(grad_padded[:, :, pad_h:pad_h + height, pad_w:pad_w + width], input)
+                  if needs_input_grad else empty())
+    grad_weight = like(grad_weight, weight) if needs_weight_grad else empty()
+    grad_bias = dz.sum(dim=(0, 2, 3)).to(weight.dtype) if needs_bias_grad else empty()
+    grad_preact = like(dz, grad_out) if needs_preact_grad else empty()
+    return grad_input, grad_weight, grad_bias, grad_preact
+
+
+conv_ops = conv_contract.register_conv_ops(NAME, _conv2d_fwd, _conv2d_bwd)
+conv2d_fwd, conv2d_bwd = conv_ops.fwd, conv_ops.bwd
