@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedops.triton_kernels.matmul import _on_device
+
 LOG2_E = 1.4426950408889634
 # The same constants as kernels may read them (a @triton.jit function sees only constexpr
 # globals).
@@ -572,6 +574,13 @@ def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 def attention_fwd_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          scale, window_left, window_right, allow_tf32, out, lse):
     """Write ``out`` (like q) and ``lse`` (float32, lse-shaped); see attention_contract.py."""
+    with _on_device(q):  # Triton launches on the current device; the tensors' is wanted
+        _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                       window_left, window_right, allow_tf32, out, lse)
+
+
+def _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                   window_left, window_right, allow_tf32, out, lse):
     layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if layout.batch == 0 or layout.heads_q == 0 or layout.rows_q == 0:
         return
@@ -597,6 +606,15 @@ def attention_bwd_launch(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     ``deterministic``: dQ from its own kernel (bitwise reproducible); otherwise added with
     float32 atomics inside the dK/dV kernel into a zeroed accumulator, then cast into grad_q.
     """
+    with _on_device(q):
+        _attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, scale, window_left, window_right, allow_tf32,
+                       deterministic, grad_q, grad_k, grad_v)
+
+
+def _attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                   max_seqlen_k, scale, window_left, window_right, allow_tf32, deterministic,
+                   grad_q, grad_k, grad_v):
     layout = _Layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if layout.batch == 0 or layout.heads_q == 0:
         return

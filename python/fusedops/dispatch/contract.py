@@ -71,6 +71,11 @@ NAMESPACE = "fusedops"
 POISON_ENV_VAR = "FUSEDOPS_POISON_OUTPUTS"
 
 
+def poisoning() -> bool:
+    """Whether outputs are NaN-filled before a launch (FUSEDOPS_POISON_OUTPUTS=1, the tests)."""
+    return os.environ.get(POISON_ENV_VAR) == "1"
+
+
 def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised output tensor (NaN-filled when FUSEDOPS_POISON_OUTPUTS=1)."""
     if os.environ.get(POISON_ENV_VAR) == "1":

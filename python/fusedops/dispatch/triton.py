@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from fusedops.dispatch import attention_contract, contract, linear_contract
+from fusedops._compile import assume_constant_result
+from fusedops.dispatch import attention_contract, contract, conv_contract, linear_contract
 
 NAME = "triton"
 
@@ -45,6 +46,8 @@ def _imported_without_interpreter() -> bool:
         return False
 
 
+# torch.compile evaluates it once at trace time (older Dynamo cannot trace find_spec).
+@assume_constant_result
 def availability() -> str | None:
     """None when this tier can run here, else why not (cheap: imports nothing)."""
     if importlib.util.find_spec("triton") is None:
@@ -245,3 +248,86 @@ def _attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
 
 attention_ops = attention_contract.register_attention_ops(NAME, _attention_fwd, _attention_bwd)
 attention_fwd, attention_bwd = attention_ops.fwd, attention_ops.bwd
+
+
+# --- fused convolution (see conv_contract.py) ---------------------------------------------
+
+_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def conv2d_unsupported(input, weight, bias, residual, groups, activation) -> str | None:
+    """None when the kernels cover this call (arguments already checked), else the reason."""
+    if activation not in linear_contract.ACTIVATIONS:
+        return f"activation {activation!r} (the kernels take {linear_contract.ACTIVATIONS})"
+    if input.dtype not in _CONV_DTYPES:
+        return f"{input.dtype} input (the Triton kernels take float16, bfloat16 and float32)"
+    channels = input.shape[1]
+    if groups != 1 and not (groups == channels and weight.shape[1] == 1):
+        return (f"groups={groups} (the kernels take groups=1 and depthwise, groups == "
+                f"in_channels = {channels})")
+    if input.device.type == "cpu":
+        if not _interpreting():
+            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+    elif input.device.type != "cuda":
+        return f"tensors on {input.device.type} (the Triton tier runs on CUDA devices)"
+    return None
+
+
+def _conv_kernels(groups: int):
+    # Imported here, not at the top: TRITON_INTERPRET must be decided before triton loads.
+    if groups == 1:
+        from fusedops.triton_kernels import conv
+
+        return conv.conv2d_fwd_launch, conv.conv2d_bwd_launch
+    from fusedops.triton_kernels import conv_depthwise
+
+    return conv_depthwise.depthwise_fwd_launch, conv_depthwise.depthwise_bwd_launch
+
+
+def _new_like(template: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(template)
+    if contract.poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
+def _conv2d_fwd(input, weight, bias, residual, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                dilation_w, out_h, out_w, groups, activation, out_channels_last, allow_tf32):
+    out = conv_contract.output_like(input, weight.shape[0], out_h, out_w, out_channels_last)
+    if contract.poisoning():
+        out.fill_(float("nan"))
+    z = _new_like(out) if linear_contract.saves_preactivation(activation) else None
+    geometry = ((stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w))
+    fwd, _ = _conv_kernels(groups)
+    if groups == 1:
+        fwd(input, weight, bias, residual, *geometry, activation, allow_tf32, out, z)
+    else:
+        fwd(input, weight, bias, residual, *geometry, activation, out, z)
+    return out, z if z is not None else input.new_empty((0,))
+
+
+def _conv2d_bwd(grad_out, input, weight, saved, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                dilation_w, out_h, out_w, groups, activation, allow_tf32, needs_input_grad,
+                needs_weight_grad, needs_bias_grad, needs_preact_grad):
+    grad_input = _new_like(input) if needs_input_grad else None
+    grad_weight = _new_like(weight) if needs_weight_grad else None
+    grad_bias = (contract.new_output((weight.shape[0],), dtype=weight.dtype,
+                                     device=weight.device) if needs_bias_grad else None)
+    grad_preact = _new_like(grad_out) if needs_preact_grad else None
+    geometry = ((stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w))
+    _, bwd = _conv_kernels(groups)
+    if groups == 1:
+        bwd(grad_out, input, weight, saved, *geometry, activation, allow_tf32, grad_input,
+            grad_weight, grad_bias, grad_preact)
+    else:
+        bwd(grad_out, input, weight, saved, *geometry, activation, grad_input, grad_weight,
+            grad_bias, grad_preact)
+
+    def or_empty(t):  # a fresh one each time: custom-op outputs may not alias each other
+        return t if t is not None else input.new_empty((0,))
+
+    return or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias), or_empty(grad_preact)
+
+
+conv_ops = conv_contract.register_conv_ops(NAME, _conv2d_fwd, _conv2d_bwd)
+conv2d_fwd, conv2d_bwd = conv_ops.fwd, conv_ops.bwd

@@ -200,6 +200,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     tier = dispatch.select(_OP, input.device, lambda t: conv_unsupported(
         t, input, weight, bias, residual, groups, activation))
     geometry = (*stride, top, left, *dilation, out_h, out_w, groups)
+    # tf32 is a property of CUDA tensor cores: on CPU torch's own convs never use it.
+    tf32 = allow_tf32() and input.dtype == torch.float32 and input.device.type == "cuda"
     out = ConvFunction.apply(input, weight, bias, residual, geometry, activation, channels_last,
-                             tier.NAME, allow_tf32() and input.dtype == torch.float32)
+                             tier.NAME, tf32)
     return out.squeeze(0) if unbatched else out
