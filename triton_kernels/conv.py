@@ -21,6 +21,11 @@ image). A convolution is then three GEMMs that are never materialised (no im2col
 ``dz = grad_out · act'(z)`` is formed as grad_out tiles are loaded (the forward saved ``z``
 for gelu, gelu_tanh and silu, ``out`` for relu), never in a separate pass.
 
+Offsets: a pixel's offset (image, row, column) is 64-bit; a channel's (``c · stride_c``)
+stays 32-bit — one image's channels times its channel stride never reach 2**31 — because a
+64-bit cast of the contiguous channel index hides its contiguity from Triton, and the loads
+and stores then lose their vector width.
+
 Layout: every tensor is addressed through its four strides, so any layout is correct; the
 launchers convert the input and the weight to channels_last first (an NCHW input costs one
 copy) so that the reduction dimension C is contiguous, the loads vectorise and the tiles go
@@ -150,15 +155,15 @@ def conv2d_fwd_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
         r_ptrs = (res_ptr + _offsets(image, oh, ow, stride_rn, stride_rh, stride_rw)[:, None]
-                  + offs_n[None, :].to(tl.int64) * stride_rk)
+                  + offs_n[None, :] * stride_rk)
         acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
     if STORE_Z:
         z_ptrs = (z_ptr + _offsets(image, oh, ow, stride_zn, stride_zh, stride_zw)[:, None]
-                  + offs_n[None, :].to(tl.int64) * stride_zk)
+                  + offs_n[None, :] * stride_zk)
         tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=mask)
     out = _activation(acc, ACTIVATION)
     o_ptrs = (out_ptr + _offsets(image, oh, ow, stride_on, stride_oh, stride_ow)[:, None]
-              + offs_n[None, :].to(tl.int64) * stride_ok)
+              + offs_n[None, :] * stride_ok)
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -166,11 +171,11 @@ def conv2d_fwd_kernel(
 def _load_dz(g_ptr, saved_ptr, pixel_offsets_g, pixel_offsets_s, offs_k, stride_gk, stride_sk,
              mask, ACTIVATION: tl.constexpr):
     """grad_out · act'(saved) for a tile of (pixels, output channels), in float32."""
-    g = tl.load(g_ptr + pixel_offsets_g[:, None] + offs_k[None, :].to(tl.int64) * stride_gk,
+    g = tl.load(g_ptr + pixel_offsets_g[:, None] + offs_k[None, :] * stride_gk,
                 mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION != 0:
         saved = tl.load(saved_ptr + pixel_offsets_s[:, None]
-                        + offs_k[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
+                        + offs_k[None, :] * stride_sk, mask=mask, other=0.0)
         g = g * _activation_derivative(saved.to(tl.float32), ACTIVATION)
     return g
 
@@ -221,7 +226,7 @@ def conv2d_bwd_input_kernel(
         acc = tl.dot(dz.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
 
     d_ptrs = (dx_ptr + _offsets(image, ih, iw, stride_dn, stride_dh, stride_dw)[:, None]
-              + offs_n[None, :].to(tl.int64) * stride_dc)
+              + offs_n[None, :] * stride_dc)
     tl.store(d_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -272,7 +277,7 @@ def conv2d_bwd_weight_kernel(
             if owns_dz:
                 z_ptrs = (dz_ptr + _offsets(image, oh, ow, stride_zn, stride_zh,
                                             stride_zw)[:, None]
-                          + offs_k[None, :].to(tl.int64) * stride_zk)
+                          + offs_k[None, :] * stride_zk)
                 tl.store(z_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if STORE_BIAS:
             bias_acc += tl.sum(dz, 0)
