@@ -43,7 +43,7 @@
 # (default: setup.py's, sm_80 + sm_90a + PTX), MAX_JOBS (default: all cores), TEST_PATHS
 # (default "tests"), PYTEST_ARGS (extra pytest arguments for the tests stage, e.g. -x),
 # SANITIZER_TESTS (default: the op tests: cross-entropy, custom ops, linear, linear-CE,
-# attention, SDPA), SANITIZER_PYTEST_ARGS (e.g. -k cross_entropy),
+# attention, SDPA, conv2d), SANITIZER_PYTEST_ARGS (e.g. -k cross_entropy),
 # BENCH_ARGS (default --quick; e.g. "--family cross_entropy" for the full grid).
 
 set -uo pipefail
@@ -60,7 +60,7 @@ rm -f "$WORK"/*.xml
 SUMMARY="$OUT/summary.txt"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-DEFAULT_SANITIZER_TESTS="tests/test_cross_entropy.py tests/test_cross_entropy_gpu.py tests/test_custom_ops.py tests/test_linear.py tests/test_linear_kernels.py tests/test_linear_cross_entropy.py tests/test_attention.py tests/test_sdpa.py"
+DEFAULT_SANITIZER_TESTS="tests/test_cross_entropy.py tests/test_cross_entropy_gpu.py tests/test_custom_ops.py tests/test_linear.py tests/test_linear_kernels.py tests/test_linear_cross_entropy.py tests/test_attention.py tests/test_sdpa.py tests/test_conv.py tests/test_conv_depthwise_kernels.py"
 
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
