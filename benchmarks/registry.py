@@ -1,6 +1,6 @@
 """Op families, by name: what a family is, and where each one lives.
 
-A family (cross-entropy, linear, linear-cross-entropy and attention now; conv to come) is
+A family (cross-entropy, linear, linear-cross-entropy, attention and conv2d) is
 one ``cases_<name>.py`` module that defines ``FAMILY = Family(...)``, and one line in
 ``FAMILY_MODULES`` below. The runner, the store and the writers are generic: they only see
 ``Case``, ``Implementation`` and the family's byte and FLOP counts.
@@ -28,6 +28,7 @@ FAMILY_MODULES: dict[str, str] = {
     "linear": "cases_linear",
     "linear_cross_entropy": "cases_linear_cross_entropy",
     "attention": "cases_attention",
+    "conv2d": "cases_conv2d",
 }
 
 
