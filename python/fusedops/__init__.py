@@ -11,9 +11,11 @@ from fusedops.ops.conv import conv2d
 from fusedops.ops.cross_entropy import cross_entropy
 from fusedops.ops.linear import linear
 from fusedops.ops.linear_cross_entropy import linear_cross_entropy
-from fusedops.ops.sdpa import scaled_dot_product_attention
+from fusedops.ops.sdpa import fused_sdpa, scaled_dot_product_attention
+from fusedops.patch import PatchReport, fx_fuse, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "attention_varlen", "backends", "conv2d", "cross_entropy", "linear",
-           "linear_cross_entropy", "nn", "scaled_dot_product_attention", "use_backend"]
+__all__ = ["PatchReport", "attention", "attention_varlen", "backends", "conv2d",
+           "cross_entropy", "fused_sdpa", "fx_fuse", "linear", "linear_cross_entropy", "nn",
+           "patch", "scaled_dot_product_attention", "unpatch", "use_backend"]

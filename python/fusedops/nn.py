@@ -25,6 +25,18 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.z_loss = z_loss
         self.softcap = softcap
 
+    @classmethod
+    def from_loss(cls, module: torch.nn.CrossEntropyLoss) -> CrossEntropyLoss:
+        """The same loss on fusedops' kernels, sharing ``module``'s class-weight buffer."""
+        if not isinstance(module, torch.nn.CrossEntropyLoss):
+            raise TypeError(f"CrossEntropyLoss.from_loss: expected an nn.CrossEntropyLoss, got "
+                            f"{type(module).__name__}")
+        fused = cls(ignore_index=module.ignore_index, reduction=module.reduction,
+                    label_smoothing=module.label_smoothing)
+        fused.weight = module.weight  # the same buffer object (or None)
+        fused.train(module.training)
+        return fused
+
     def forward(self, input, target):
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
@@ -78,6 +90,51 @@ class FusedLinear(torch.nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class FusedConv1D(torch.nn.Module):
+    """Hugging Face's transposed ``Conv1D`` (GPT-2's projections) on ``fusedops.linear``.
+
+    ``y = x @ weight + bias`` with ``weight`` stored ``(in_features, out_features)``, as the
+    original keeps it (its checkpoints load unchanged): the kernels read ``weight.T`` as a
+    strided view, nothing is copied. ``.activation`` as in FusedLinear.
+    """
+
+    def __init__(self, out_features, in_features, *, activation=None, device=None,
+                 dtype=None):
+        super().__init__()
+        check_activation(activation)
+        self.nf = out_features
+        self.nx = in_features
+        self.weight = torch.nn.Parameter(torch.empty(in_features, out_features, device=device,
+                                                     dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        torch.nn.init.normal_(self.weight, std=0.02)
+        self.activation = activation
+
+    @classmethod
+    def from_conv1d(cls, module: torch.nn.Module, activation=None) -> FusedConv1D:
+        """A FusedConv1D sharing ``module``'s Parameter objects."""
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"FusedConv1D.from_conv1d: expected a transformers Conv1D with a "
+                            f"2-D weight, got {type(module).__name__}")
+        check_activation(activation)
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.nx, fused.nf = weight.shape
+        fused.weight = module.weight
+        fused.bias = module.bias
+        fused.activation = activation
+        fused.train(module.training)
+        return fused
+
+    def forward(self, input, residual=None):
+        return linear(input, self.weight.T, self.bias, activation=self.activation,
+                      residual=residual)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, activation={self.activation!r}"
 
 
 class FusedConv2d(torch.nn.Conv2d):

@@ -16,6 +16,7 @@ this op and GPU; otherwise torch's SDPA runs it.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -89,3 +90,26 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                           dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                           enable_gqa=enable_gqa)
+
+
+class _FusedSDPAMode(torch.overrides.TorchFunctionMode):
+    """Routes F.scaled_dot_product_attention to fusedops' drop-in; leaves all else alone.
+
+    Inside ``__torch_function__`` the mode is off, so the drop-in's own fallback to torch's
+    SDPA is not routed back here.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return scaled_dot_product_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fused_sdpa():
+    """``with fusedops.fused_sdpa(): ...``: calls to ``F.scaled_dot_product_attention`` made
+    inside the block (by any module) run ``fusedops.scaled_dot_product_attention``. Scoped
+    to the block and the thread; torch itself is never changed."""
+    with _FusedSDPAMode():
+        yield
