@@ -27,6 +27,7 @@ import os
 import torch
 
 from fusedops import dispatch
+from fusedops._autograd import once_differentiable_op
 from fusedops.dispatch import attention_contract
 from fusedops.ops.linear import allow_tf32
 
@@ -153,6 +154,7 @@ class AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable_op("attention")
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, tier_name, tf32,

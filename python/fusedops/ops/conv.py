@@ -21,6 +21,7 @@ import numbers
 import torch
 
 from fusedops import dispatch
+from fusedops._autograd import once_differentiable_op
 from fusedops._compile import assume_constant_result
 from fusedops.dispatch import linear_contract
 
@@ -151,6 +152,7 @@ class ConvFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable_op("conv2d")
     def backward(ctx, grad_out):
         input, weight, saved = ctx.saved_tensors
         geometry, activation, tier_name, tf32, has_bias, has_residual = ctx.options

@@ -20,6 +20,7 @@ import os
 import torch
 
 from fusedops import dispatch
+from fusedops._autograd import once_differentiable_op
 from fusedops.dispatch import contract
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -109,6 +110,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable_op("cross_entropy")
     def backward(ctx, grad_loss):
         logits, target, weight, lse = ctx.saved_tensors
         tier_name, ignore_index, label_smoothing, z_loss, softcap, inplace = ctx.options
@@ -131,6 +133,7 @@ class CrossEntropyProbsFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable_op("cross_entropy")
     def backward(ctx, grad_loss):
         logits, target, weight, lse = ctx.saved_tensors
         tier_name, *options = ctx.options

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from fusedops import dispatch
+from fusedops._autograd import once_differentiable_op
 from fusedops._compile import assume_constant_result
 from fusedops.dispatch import linear_contract
 
@@ -100,6 +101,7 @@ class LinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable_op("linear")
     def backward(ctx, grad_out):
         input, weight, saved = ctx.saved_tensors
         tier_name, activation, tf32, has_bias, has_residual = ctx.options

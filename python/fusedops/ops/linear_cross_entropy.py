@@ -58,6 +58,7 @@ import os
 import torch
 
 from fusedops import dispatch
+from fusedops._autograd import once_differentiable_op
 from fusedops.dispatch import contract
 from fusedops.ops.cross_entropy import mean_denominator
 from fusedops.ops.linear import allow_tf32 as linear_allow_tf32
@@ -252,6 +253,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return result
 
     @staticmethod
+    @once_differentiable_op("linear_cross_entropy")
     def backward(ctx, grad_result):
         needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs
         reduction = ctx.options[4]
