@@ -15,6 +15,10 @@ The fused-linear GEMM (triton_kernels/matmul.py) must use tensor cores for fp16,
 tf32: `mma.sync` on sm_80; on sm_90 Triton 3.8 emits `wgmma.mma_async` (Hopper's warpgroup
 MMA) for these tiles, the forward and the backward products with the act' prologue alike.
 float32 with input_precision="ieee" has no tensor-core form and is only compiled.
+
+Flash attention, the implicit-GEMM conv2d and the depthwise conv2d have their own case
+generators below (attention_cases, conv_gemm_cases, depthwise_cases), each saying which
+instructions its kernels must show.
 """
 
 from __future__ import annotations
@@ -30,7 +34,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedops.triton_kernels import attention, cross_entropy, matmul  # noqa: E402
+from fusedops.triton_kernels import (  # noqa: E402
+    attention,
+    conv,
+    conv_depthwise,
+    cross_entropy,
+    matmul,
+)
 
 ARCHES = (80, 90)
 LOGIT_TYPES = ("fp32", "fp16", "bf16")
@@ -170,6 +180,122 @@ def attention_cases():
                    types, constants, ("ld.global.v4",), {"num_warps": 4})
 
 
+# What Triton's launcher turns into constants at run time for channels_last tensors and unit
+# stride/dilation: integer arguments equal to 1.
+DEPTHWISE_UNIT_ARGS = ("stride_xc", "stride_rk", "stride_ok", "stride_zk", "stride_gk",
+                       "stride_sk", "stride_dk", "stride_ic", "conv_stride_h", "conv_stride_w",
+                       "dilation_h", "dilation_w")
+
+
+def depthwise_cases():
+    """The depthwise convolution (triton_kernels/conv_depthwise.py) as its launchers use it on
+    a GPU, each kernel with its first autotuning tile: channels_last (channel strides 1)
+    with the channel count a multiple of 16, where the tile accesses are 128 bits wide —
+    `ld.global.v4` for the input, patch and dz tiles (multiplier 1), `st.global.v4` for
+    out, z, dz and grad_input. The forward with every activation (bias, residual, z); the
+    weight kernel (dz, the bias and weight partial sums; 3x3 in one tap block, 7x7 in two;
+    the dz-only launch); the input-gradient gather (reading dz, or grad_out with relu's
+    act'); bf16, and fp16/fp32 for the fullest variants; stride 2, dilation 2 and multiplier
+    2 once each. (compile_case marks the weight strides divisible by 16 too, which they
+    seldom are: the weights are read per tap as a strided vector either way.)"""
+    kernels = {"fwd": conv_depthwise.depthwise_fwd_kernel,
+               "bwd_weight": conv_depthwise.depthwise_bwd_weight_kernel,
+               "bwd_input": conv_depthwise.depthwise_bwd_input_kernel}
+    code = conv_depthwise.ACTIVATION_CODES
+
+    def case(kind, dtype, activation, flags, kernel_size=3, unit_steps=True, multiplier=1):
+        kernel = kernels[kind]
+        unit = [name for name in DEPTHWISE_UNIT_ARGS if name in kernel.arg_names
+                and (unit_steps or not name.startswith(("conv_stride", "dilation")))]
+        types = {param.name: "i32" for param in kernel.params
+                 if not param.is_constexpr and param.name not in unit}
+        types.update({name: "*fp32" if name.startswith("partial") else f"*{dtype}"
+                      for name in kernel.arg_names if name.endswith("_ptr")})
+        constants = {**dict.fromkeys(unit, 1), "R": kernel_size, "S": kernel_size,
+                     "MULTIPLIER": multiplier, "ACTIVATION": code[activation], **flags}
+        if kind == "bwd_weight":  # the tap block as the launcher picks it
+            tap_block = (min(triton.next_power_of_2(kernel_size ** 2),
+                             conv_depthwise.MAX_TAP_BLOCK) if flags["COMPUTE_WEIGHT"] else 1)
+            block_p, block_c, warps = conv_depthwise.weight_tiles(tap_block)[0]
+            constants["TAP_BLOCK"] = tap_block
+        else:
+            block_p, block_c, warps = conv_depthwise.GPU_TILES[0]
+        constants.update(BLOCK_P=block_p, BLOCK_C=block_c)
+        # A multiplier > 1 reads input channel k // multiplier (forward, weight kernel) and
+        # dz channel c * multiplier + m (gather): no contiguous run per pixel, narrower loads.
+        loads = ("ld.global.v4",) if multiplier == 1 else ()
+        stores = ("st.global.v4",) if flags.get("STORE_DZ", True) else ()
+        tag = f"{dtype}/{kernel_size}x{kernel_size}/{activation}"
+        tag += ("" if unit_steps else "/s2d2") + ("" if multiplier == 1 else f"/m{multiplier}")
+        return (f"depthwise_{kind}[{tag}]", kernel, types, constants, loads + stores,
+                {"num_warps": warps})
+
+    def fwd(activation):
+        return {"HAS_BIAS": True, "HAS_RESIDUAL": True,
+                "STORE_Z": activation in ("gelu", "gelu_tanh", "silu")}
+
+    def weight(compute_weight=True, store_bias=True, store_dz=True):
+        return {"COMPUTE_WEIGHT": compute_weight, "STORE_BIAS": store_bias,
+                "STORE_DZ": store_dz}
+
+    for activation in code:
+        yield case("fwd", "bf16", activation, fwd(activation))
+    for dtype in ("fp16", "fp32"):
+        yield case("fwd", dtype, "gelu", fwd("gelu"))
+    yield case("fwd", "bf16", "relu", fwd("relu"), kernel_size=7)
+    yield case("fwd", "bf16", "silu", fwd("silu"), kernel_size=5, unit_steps=False,
+               multiplier=2)
+    for dtype in ("bf16", "fp16", "fp32"):
+        yield case("bwd_weight", dtype, "gelu", weight())
+    yield case("bwd_weight", "bf16", "none", weight(store_bias=False, store_dz=False))
+    yield case("bwd_weight", "bf16", "silu", weight(), kernel_size=7)
+    yield case("bwd_weight", "bf16", "relu", weight(), unit_steps=False, multiplier=2)
+    yield case("bwd_weight", "bf16", "gelu_tanh", weight(compute_weight=False, store_bias=False))
+    # The gather applies act' itself only where it is cheap (see CHEAP_DERIVATIVES).
+    for dtype in ("bf16", "fp32"):
+        for activation in conv_depthwise.CHEAP_DERIVATIVES:
+            yield case("bwd_input", dtype, activation, {})
+    yield case("bwd_input", "bf16", "none", {}, kernel_size=5, unit_steps=False, multiplier=2)
+
+
+# Channel strides of channels_last tensors: 1 at run time, so Triton makes them constants.
+CONV_UNIT_STRIDES = ("stride_xc", "stride_wc", "stride_dc", "stride_gk", "stride_sk",
+                     "stride_zk", "stride_rk", "stride_ok")
+CONV_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
+
+
+def conv_gemm_cases():
+    """The implicit-GEMM conv2d (triton_kernels/conv.py) for channels_last tensors: the
+    forward with bias, residual, z and an activation; the input gradient and the split weight
+    gradient with act' applied to grad_out's tiles; bf16, fp16 and fp32 as tf32. Tensor-core
+    MMA in all three; the forward's input and weight tiles as 128-bit loads, the backward's
+    gathers as 16-byte cp.async copies into shared memory (Triton's pipeline)."""
+    scalar_names = ("C", "H", "W", "K", "OH", "OW", "R", "S", "M", "rows_per_split",
+                    "conv_stride_h", "conv_stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+                    "tune_m", "tune_n", "tune_k", "taps", "stride_key")
+    options = {"num_warps": 8, "num_stages": 3}
+    backward_ops = {80: ("mma.sync", "cp.async"), 90: ("wgmma.mma_async", "cp.async")}
+    for dtype, precision in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")):
+        kernels = (
+            ("fwd", conv.conv2d_fwd_kernel, {"HAS_BIAS": True, "HAS_RESIDUAL": True,
+                                             "ACTIVATION": 2, "STORE_Z": True},
+             {80: ("mma.sync", "ld.global.v4"), 90: ("wgmma.mma_async", "ld.global.v4")}),
+            ("bwd_input", conv.conv2d_bwd_input_kernel, {"ACTIVATION": 2}, backward_ops),
+            ("bwd_weight", conv.conv2d_bwd_weight_kernel,
+             {"ACTIVATION": 2, "COMPUTE_WEIGHT": True, "STORE_BIAS": True, "STORE_DZ": True},
+             backward_ops))
+        for kind, kernel, flags, required in kernels:
+            types = {name: "i32" for name in kernel.arg_names
+                     if (name.startswith("stride") and name not in CONV_UNIT_STRIDES)
+                     or name in scalar_names}
+            types.update({name: "*fp32" if name.startswith(("dw_partial", "db_partial"))
+                          else f"*{dtype}" for name in kernel.arg_names
+                          if name.endswith("_ptr")})
+            constants = {**{name: 1 for name in CONV_UNIT_STRIDES if name in kernel.arg_names},
+                         **flags, "INPUT_PRECISION": precision, **CONV_TILE}
+            yield f"conv2d_{kind}[{dtype}]", kernel, types, constants, required, options
+
+
 def compile_case(kernel, types, constants, arch, aligned, options=None):
     arg_names = kernel.arg_names
     signature = {name: types.get(name, "constexpr") for name in arg_names}
@@ -189,7 +315,8 @@ def main() -> int:
     count = 0
     unaligned_done = set()
     cases = itertools.chain(((*case, None) for case in cross_entropy_cases()),
-                            ((*case, None) for case in linear_cases()), attention_cases())
+                            ((*case, None) for case in linear_cases()), attention_cases(),
+                            conv_gemm_cases(), depthwise_cases())
     for name, kernel, types, constants, required, options in cases:
         # Unaligned: each kernel and flag set once (one dtype), on the newest arch.
         key = (kernel.fn.__name__, tuple(constants.items()))

@@ -262,6 +262,9 @@ def conv2d_unsupported(input, weight, bias, residual, groups, activation) -> str
     if input.dtype not in _CONV_DTYPES:
         return f"{input.dtype} input (the Triton kernels take float16, bfloat16 and float32)"
     channels = input.shape[1]
+    pixels = input.shape[0] * input.shape[2] * input.shape[3]
+    if pixels >= 2 ** 31:  # the kernels index pixels in 32 bits (their offsets are 64-bit)
+        return f"{pixels} input pixels (the kernels take fewer than 2**31)"
     if groups != 1 and not (groups == channels and weight.shape[1] == 1):
         return (f"groups={groups} (the kernels take groups=1 and depthwise, groups == "
                 f"in_channels = {channels})")

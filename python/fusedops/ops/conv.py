@@ -19,6 +19,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from fusedops import dispatch
 from fusedops._autograd import once_differentiable_op
@@ -42,6 +43,8 @@ def _is_int(value) -> bool:
 def _pair(name, value, minimum) -> tuple[int, int]:
     if _is_int(value):
         value = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 1:  # F.conv2d expands (s,) too
+        value = (value[0], value[0])
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or not all(_is_int(v) for v in value)):
         _fail(TypeError, f"{name} must be an int or a pair of ints, got {value!r}")
@@ -90,9 +93,13 @@ def _check_tensors(input, weight, bias, residual, groups):
     if input.dtype not in _DTYPES:
         _fail(TypeError, f"input must be float16, bfloat16, float32 or float64, got "
                          f"{input.dtype}")
-    if not _is_int(groups) or groups < 1:
+    if not _is_int(groups):
+        _fail(TypeError, f"groups must be an int, got {groups!r}")
+    if groups < 1:
         _fail(ValueError, f"groups must be a positive int, got {groups!r}")
     channels = input.shape[-3]
+    if channels == 0:
+        _fail(ValueError, f"input of shape {tuple(input.shape)} has no channels")
     if channels % groups or weight.shape[0] % groups:
         _fail(ValueError, f"in_channels ({channels}) and out_channels ({weight.shape[0]}) must "
                           f"be divisible by groups ({groups})")
@@ -123,9 +130,9 @@ def allow_tf32() -> bool:
 
 
 def _channels_last(tensor) -> bool:
-    """F.conv2d's reading of a 4-D tensor's layout: channels_last strides, not contiguous."""
-    return (tensor.dim() == 4 and not tensor.is_contiguous()
-            and tensor.is_contiguous(memory_format=torch.channels_last))
+    """F.conv2d's reading of a 4-D tensor's layout (torch's suggest_memory_format: the
+    strides decide, also for the ambiguous shapes with one channel or a 1x1 kernel)."""
+    return suggest_memory_format(tensor) == torch.channels_last
 
 
 def conv_unsupported(tier, input, weight, bias, residual, groups, activation):
@@ -174,6 +181,13 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     one of None, "relu", "gelu", "gelu_tanh", "silu". Gradients flow to all four tensors.
     """
     activation = check_activation(activation)
+    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+        # Cast first, as autocast casts F.conv2d's arguments: a bfloat16 activation may meet
+        # float32 parameters here.
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight, bias, residual = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+            for t in (input, weight, bias, residual))
     _check_tensors(input, weight, bias, residual, groups)
     stride = _pair("stride", stride, 1)
     dilation = _pair("dilation", dilation, 1)
@@ -190,11 +204,6 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     if residual is not None and tuple(residual.shape) != out_shape:
         _fail(ValueError, f"residual must have the output's shape {out_shape}, got "
                           f"{tuple(residual.shape)}")
-    if torch.is_autocast_enabled(input.device.type):
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight, bias, residual = (
-            t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t
-            for t in (input, weight, bias, residual))
     if unbatched:
         input = input.unsqueeze(0)
         residual = residual.unsqueeze(0) if residual is not None else None

@@ -27,6 +27,7 @@ from fusedops._compile import assume_constant_result
 from fusedops.dispatch import linear_contract
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 _ACTIVATIONS = (None, *(name for name in linear_contract.ACTIVATIONS if name != "none"))
 
 
@@ -123,12 +124,14 @@ def linear(input, weight, bias=None, *, activation=None, residual=None):
     Gradients flow to input, weight, bias and residual.
     """
     activation = check_activation(activation)
-    _check_arguments(input, weight, bias, residual)
-    if torch.is_autocast_enabled(input.device.type):
+    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+        # Cast first, as autocast casts F.linear's arguments (float16, bfloat16 and float32;
+        # float64 stays): a bfloat16 activation may meet float32 parameters here.
         dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        residual = residual.to(dtype) if residual is not None else None
+        input, weight, bias, residual = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+            for t in (input, weight, bias, residual))
+    _check_arguments(input, weight, bias, residual)
     features = weight.shape[0]
     out_shape = (*input.shape[:-1], features)
     num_rows = input.shape[:-1].numel()  # not reshape(-1, K): K may be 0
