@@ -6,7 +6,9 @@ Installed as ``fusedops.benchmarks``. One concept per module:
                   versions, runs families or the self-check
 - ``environment`` versions, device, git commit, the ``<gpu>`` folder name of a results set
 - ``registry``    op families (cases, implementations, byte and FLOP counts), by name
-- ``cases_*``     one module per op family, registered in ``registry``
+- ``cases_*``     one module per op family, registered in ``registry`` (``cases_training``:
+                  whole training steps of the models below)
+- ``models``      the small GPT of the training family and of ``examples/small_gpt.py``
 - ``timing``      median device time (``triton.testing.do_bench``, L2 flushed, inputs
                   rotated) and peak memory
 - ``ceilings``    the copy-bandwidth and bf16 matmul ceilings, measured in the same run

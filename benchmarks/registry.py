@@ -29,6 +29,7 @@ FAMILY_MODULES: dict[str, str] = {
     "linear_cross_entropy": "cases_linear_cross_entropy",
     "attention": "cases_attention",
     "conv2d": "cases_conv2d",
+    "training": "cases_training",
 }
 
 
