@@ -25,6 +25,9 @@ is then None; without labels the model is unchanged.
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -131,37 +134,59 @@ def _set_attention(model, name):
         model.config._attn_implementation = name
 
 
-def _fused_loss_forward(model, original):
+def _fused_loss_forward(self, *args, labels=None, **kwargs):
+    """The causal LM's forward with the loss from linear_cross_entropy when labels are given.
+
+    Bound to the model as a method (``types.MethodType``), so a deep copy of a patched model
+    rebinds it to the copy; it carries the class forward's signature (``functools.wraps``),
+    which ``generate`` inspects to decide what to pass.
+    """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    def forward(*args, labels=None, **kwargs):
-        if labels is None:
-            return original(*args, **kwargs)
-        kwargs.pop("logits_to_keep", None)
-        kwargs.pop("return_dict", None)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        shift_labels = kwargs.pop("shift_labels", None)
-        outputs = model.base_model(*args, **kwargs)
-        hidden = outputs[0]
-        head = model.get_output_embeddings()
-        if shift_labels is None:  # predict token t + 1 from position t, as transformers does
-            shift_labels = F.pad(labels, (0, 1), value=_IGNORE_INDEX)[..., 1:]
-        loss = fusedops.linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), head.weight,
-            shift_labels.reshape(-1).to(hidden.device), getattr(head, "bias", None),
-            ignore_index=_IGNORE_INDEX, reduction="sum" if num_items_in_batch else "mean")
-        if num_items_in_batch:
-            loss = loss / num_items_in_batch
-        return CausalLMOutputWithPast(loss=loss, logits=None,
-                                      past_key_values=getattr(outputs, "past_key_values", None),
-                                      hidden_states=getattr(outputs, "hidden_states", None),
-                                      attentions=getattr(outputs, "attentions", None))
+    if labels is None:
+        return type(self).forward(self, *args, **kwargs)
+    kwargs.pop("logits_to_keep", None)
+    return_dict = kwargs.pop("return_dict", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    outputs = self.base_model(*args, **kwargs)
+    hidden = outputs[0]
+    head = self.get_output_embeddings()
+    if shift_labels is None:  # predict token t + 1 from position t, as transformers does
+        shift_labels = F.pad(labels, (0, 1), value=_IGNORE_INDEX)[..., 1:]
+    loss = fusedops.linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight,
+        shift_labels.reshape(-1).to(hidden.device), getattr(head, "bias", None),
+        ignore_index=_IGNORE_INDEX, reduction="sum" if num_items_in_batch else "mean")
+    if num_items_in_batch:
+        loss = loss / num_items_in_batch
+    result = CausalLMOutputWithPast(loss=loss, logits=None,
+                                    past_key_values=getattr(outputs, "past_key_values", None),
+                                    hidden_states=getattr(outputs, "hidden_states", None),
+                                    attentions=getattr(outputs, "attentions", None))
+    if return_dict is None:
+        return_dict = getattr(self.config, "use_return_dict", True)
+    return result if return_dict else result.to_tuple()
+
+
+def _with_signature_of(class_forward):
+    """A fresh function running _fused_loss_forward under the class forward's signature."""
+
+    @functools.wraps(class_forward)
+    def forward(self, *args, labels=None, **kwargs):
+        return _fused_loss_forward(self, *args, labels=labels, **kwargs)
 
     return forward
 
 
+def _restore_class_forward(model) -> None:
+    model.__dict__.pop("forward", None)
+
+
 def patch_transformers_model(model, undo: list, report, *, attention: bool, loss: bool) -> None:
-    """Switch a transformers model to fusedops attention and the fused LM loss."""
+    """Switch a transformers model to fusedops attention and the fused LM loss; each change
+    appends ``(function, *arguments)`` that undoes it to ``undo`` (data, not closures, so a
+    deep copy of the model undoes its own changes)."""
     if not _is_transformers_model(model) or not hasattr(model, "config"):
         return
     name = type(model).__name__
@@ -169,13 +194,12 @@ def patch_transformers_model(model, undo: list, report, *, attention: bool, loss
         previous = getattr(model.config, "_attn_implementation", None)
         register()
         _set_attention(model, IMPLEMENTATION)
-        undo.append(lambda: _set_attention(model, previous))
+        undo.append((_set_attention, model, previous))
         report.replaced.append(("", f"{name} attention ({previous})", IMPLEMENTATION))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if loss and head is not None and (name.endswith("ForCausalLM")
                                       or name.endswith("LMHeadModel")):
-        original = model.forward
-        model.forward = _fused_loss_forward(model, original)
-        undo.append(lambda: delattr(model, "forward"))
+        model.forward = types.MethodType(_with_signature_of(type(model).forward), model)
+        undo.append((_restore_class_forward, model))
         report.replaced.append(("", f"{name} lm_head + loss (with labels)",
                                 "fusedops.linear_cross_entropy (logits=None)"))

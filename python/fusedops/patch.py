@@ -22,7 +22,10 @@ has a forward of its own and is left alone, saying so):
   when ``labels`` are passed (``cross_entropy=True``): the returned ``logits`` are then None.
 * Modules that call ``F.scaled_dot_product_attention`` themselves are not changed: wrap the
   code in ``with fusedops.fused_sdpa(): ...`` to route those calls, and only those inside the
-  block, to ``fusedops.scaled_dot_product_attention``.
+  block, to ``fusedops.scaled_dot_product_attention`` (not the ones torch makes inside a
+  function it dispatches itself, such as nn.MultiheadAttention's).
+* A module with hooks or a parametrization (weight_norm, spectral_norm, ...) is left alone:
+  a new module would not run them.
 
 ``patch`` returns the model; ``model.fusedops_report`` (a ``PatchReport``) lists what was
 replaced and what was left alone and why.
@@ -50,6 +53,18 @@ def _activation_name(module: nn.Module) -> str | None:
     return None
 
 
+def _has_hooks(module: nn.Module) -> str | None:
+    """Why swapping ``module`` would lose behaviour attached to it, or None."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "it is parametrized (torch.nn.utils.parametrize)"
+    for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                 "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        if getattr(module, kind, None):
+            return (f"it has {kind.strip('_').replace('_', ' ')} (e.g. weight_norm's), which a "
+                    f"new module would not run")
+    return None
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith(
         "transformers")
@@ -73,7 +88,11 @@ class PatchReport:
 
 
 class _Record:
-    """What unpatch needs: the swapped children and the other changes, in order."""
+    """What unpatch needs: the swapped children and the other changes, in order.
+
+    Plain data (modules, names, ``(function, *arguments)``), so ``copy.deepcopy`` of a
+    patched model gives a record that refers to the copy's own modules.
+    """
 
     def __init__(self):
         self.children: list[tuple[nn.Module, str, nn.Module]] = []
@@ -98,12 +117,19 @@ def _fuse_sequential_runs(model, record, report, *, linear, conv, fold_bn):
             following = [seq._modules[k] for k in keys[i + 1:i + 3]]
             prefix = f"{seq_name}.{keys[i]}" if seq_name else keys[i]
             bn = None
+            if _has_hooks(module) or any(_has_hooks(m) for m in following[:1]):
+                i += 1
+                continue
             if (conv and fold_bn and type(module) is nn.Conv2d and following
                     and type(following[0]) is nn.BatchNorm2d):
                 if following[0].training:
                     report.left_alone.append((prefix, "Conv2d + BatchNorm2d", "fold_bn=True but "
                                               "the BatchNorm2d is in training mode: folding is "
                                               "for inference (call model.eval() first)"))
+                elif following[0].running_mean is None:
+                    report.left_alone.append((prefix, "Conv2d + BatchNorm2d", "the BatchNorm2d "
+                                              "keeps no running statistics to fold "
+                                              "(track_running_stats=False)"))
                 else:
                     bn = following.pop(0)
             act_index = 1 + (bn is not None)
@@ -137,7 +163,12 @@ def _replace_modules(model, record, report, *, linear, conv, cross_entropy):
                 continue
             path = f"{parent_name}.{name}" if parent_name else name
             new = None
-            if linear and type(module) is nn.Linear:
+            swappable = (type(module) in (nn.Linear, nn.Conv2d, nn.CrossEntropyLoss)
+                         or _is_hf_conv1d(module))
+            hooked = _has_hooks(module) if swappable else None
+            if hooked:
+                report.left_alone.append((path, type(module).__name__, hooked))
+            elif linear and type(module) is nn.Linear:
                 new = fused_nn.FusedLinear.from_linear(module)
             elif conv and type(module) is nn.Conv2d:
                 new = fused_nn.FusedConv2d.from_conv(module)
@@ -170,15 +201,24 @@ def patch(model: nn.Module, *, linear: bool = True, conv: bool = True,
     if getattr(model, _RECORD, None) is not None:
         unpatch(model)
     record, report = _Record(), PatchReport()
-    _fuse_sequential_runs(model, record, report, linear=linear, conv=conv, fold_bn=fold_bn)
-    _replace_modules(model, record, report, linear=linear, conv=conv,
-                     cross_entropy=cross_entropy)
-    if attention or cross_entropy:
-        from fusedops import hf
-
-        hf.patch_transformers_model(model, record.undo, report, attention=attention,
-                                    loss=cross_entropy)
+    if type(model) in (nn.Linear, nn.Conv2d, nn.CrossEntropyLoss) or _is_hf_conv1d(model):
+        report.left_alone.append(("", type(model).__name__, "patch changes a model's children "
+                                  "in place and cannot replace the model object itself: use "
+                                  "fusedops.nn's from_linear / from_conv / from_loss"))
     object.__setattr__(model, _RECORD, record)
+    try:
+        _fuse_sequential_runs(model, record, report, linear=linear, conv=conv, fold_bn=fold_bn)
+        _replace_modules(model, record, report, linear=linear, conv=conv,
+                         cross_entropy=cross_entropy)
+        if attention or cross_entropy:
+            from fusedops import hf
+
+            hf.patch_transformers_model(model, record.undo, report, attention=attention,
+                                        loss=cross_entropy)
+    except BaseException:
+        object.__setattr__(model, "fusedops_report", report)
+        unpatch(model)  # all or nothing: what was swapped before the error goes back
+        raise
     object.__setattr__(model, "fusedops_report", report)
     return model
 
@@ -188,8 +228,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     record = getattr(model, _RECORD, None)
     if record is None:
         return model
-    for undo in reversed(record.undo):
-        undo()
+    for function, *arguments in reversed(record.undo):
+        function(*arguments)
     for parent, name, old in reversed(record.children):
         parent._modules[name] = old
     object.__delattr__(model, _RECORD)
@@ -219,8 +259,14 @@ def fx_fuse(model: nn.Module) -> torch.fx.GraphModule:
     module with that activation. The model itself is not changed; the GraphModule shares
     its parameters. Models that torch.fx cannot trace raise torch.fx's error."""
     graph_module = torch.fx.symbolic_trace(model)
+    calls: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(graph_module.graph.nodes):
-        if node.op != "call_module" or len(node.users) != 1:
+        # A module called more than once is shared by calls that may not all be followed by
+        # the activation: it stays as it is.
+        if node.op != "call_module" or len(node.users) != 1 or calls[node.target] != 1:
             continue
         module = graph_module.get_submodule(node.target)
         if type(module) not in (nn.Linear, nn.Conv2d):

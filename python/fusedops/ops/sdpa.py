@@ -109,7 +109,11 @@ class _FusedSDPAMode(torch.overrides.TorchFunctionMode):
 @contextlib.contextmanager
 def fused_sdpa():
     """``with fusedops.fused_sdpa(): ...``: calls to ``F.scaled_dot_product_attention`` made
-    inside the block (by any module) run ``fusedops.scaled_dot_product_attention``. Scoped
-    to the block and the thread; torch itself is never changed."""
+    inside the block (by any module's Python code) run
+    ``fusedops.scaled_dot_product_attention``. Scoped to the block and the thread; torch
+    itself is never changed. Not routed: the SDPA call inside another function that torch
+    dispatches through ``__torch_function__`` itself (``F.multi_head_attention_forward``, used
+    by ``nn.MultiheadAttention``), since a torch-function mode is off while it handles a
+    call."""
     with _FusedSDPAMode():
         yield
