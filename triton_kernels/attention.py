@@ -122,6 +122,14 @@ def _sequence(cu_seqlens_ptr, batch, fixed_len, total, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _rows_base(ptr, batch, head, first_row, stride_batch, stride_head, stride_row):
+    """Address of row ``first_row`` of (batch, head): the offsets in 64 bits, since a
+    tensor may hold more than 2**31 elements."""
+    return (ptr + batch.to(tl.int64) * stride_batch + head.to(tl.int64) * stride_head
+            + first_row.to(tl.int64) * stride_row)
+
+
+@triton.jit
 def _visible_mask(rows, keys, len_q, len_k, window_left, window_right):
     position = rows + (len_k - len_q)
     return ((keys[None, :] < len_k) & (rows[:, None] < len_q)
@@ -198,12 +206,9 @@ def attention_fwd_kernel(
     if block_start >= len_q:
         return
     head_kv = head // group_size
-    q_base = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-              + q_first.to(tl.int64) * stride_qs)
-    k_base = (k_ptr + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-              + k_first.to(tl.int64) * stride_ks)
-    v_base = (v_ptr + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
-              + k_first.to(tl.int64) * stride_vs)
+    q_base = _rows_base(q_ptr, batch, head, q_first, stride_qb, stride_qh, stride_qs)
+    k_base = _rows_base(k_ptr, batch, head_kv, k_first, stride_kb, stride_kh, stride_ks)
+    v_base = _rows_base(v_ptr, batch, head_kv, k_first, stride_vb, stride_vh, stride_vs)
     rows = block_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_base, rows, stride_qs, offs_d, len_q, HEAD_DIM, BLOCK_D, True)
@@ -230,8 +235,7 @@ def attention_fwd_kernel(
     out = acc / tl.where(sees_keys, l_i, 1.0)[:, None]
     lse = tl.where(sees_keys, (m_i + tl.math.log2(tl.where(sees_keys, l_i, 1.0))) * KERNEL_LN_2,
                    float("-inf"))
-    out_base = (out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-                + q_first.to(tl.int64) * stride_os)
+    out_base = _rows_base(out_ptr, batch, head, q_first, stride_ob, stride_oh, stride_os)
     _store_rows(out_base, rows, stride_os, offs_d, len_q, out.to(out_ptr.dtype.element_ty),
                 HEAD_DIM)
     lse_ptrs = (lse_ptr + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
@@ -258,10 +262,8 @@ def attention_bwd_preprocess_kernel(
         return
     rows = block_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    out_base = (out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-                + q_first.to(tl.int64) * stride_os)
-    grad_base = (grad_out_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
-                 + q_first.to(tl.int64) * stride_gs)
+    out_base = _rows_base(out_ptr, batch, head, q_first, stride_ob, stride_oh, stride_os)
+    grad_base = _rows_base(grad_out_ptr, batch, head, q_first, stride_gb, stride_gh, stride_gs)
     out = _load_rows(out_base, rows, stride_os, offs_d, len_q, HEAD_DIM, BLOCK_D, True)
     grad = _load_rows(grad_base, rows, stride_gs, offs_d, len_q, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(out.to(tl.float32) * grad.to(tl.float32), 1)
@@ -340,10 +342,8 @@ def attention_bwd_kv_kernel(
         return
     keys = block_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = (k_ptr + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-              + k_first.to(tl.int64) * stride_ks)
-    v_base = (v_ptr + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
-              + k_first.to(tl.int64) * stride_vs)
+    k_base = _rows_base(k_ptr, batch, head_kv, k_first, stride_kb, stride_kh, stride_ks)
+    v_base = _rows_base(v_ptr, batch, head_kv, k_first, stride_vb, stride_vh, stride_vs)
     k = _load_rows(k_base, keys, stride_ks, offs_d, len_k, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(v_base, keys, stride_vs, offs_d, len_k, HEAD_DIM, BLOCK_D, True)
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -352,16 +352,14 @@ def attention_bwd_kv_kernel(
                                                         window_right, BLOCK_M, BLOCK_N)
     for member in range(group_size):
         head = head_kv * group_size + member
-        q_base = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                  + q_first.to(tl.int64) * stride_qs)
-        dout_base = (grad_out_ptr + batch.to(tl.int64) * stride_gb
-                     + head.to(tl.int64) * stride_gh + q_first.to(tl.int64) * stride_gs)
+        q_base = _rows_base(q_ptr, batch, head, q_first, stride_qb, stride_qh, stride_qs)
+        dout_base = _rows_base(grad_out_ptr, batch, head, q_first, stride_gb, stride_gh, stride_gs)
         stats_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_first
         lse_base = lse_ptr + stats_offset
         delta_base = delta_ptr + stats_offset
         if ATOMIC_DQ:
-            grad_q_base = (grad_q_accum_ptr + batch.to(tl.int64) * stride_aqb
-                           + head.to(tl.int64) * stride_aqh + q_first.to(tl.int64) * stride_aqs)
+            grad_q_base = _rows_base(grad_q_accum_ptr, batch, head, q_first,
+                                     stride_aqb, stride_aqh, stride_aqs)
         else:
             grad_q_base = grad_q_accum_ptr
         grad_k, grad_v = _bwd_kv_query_blocks(
@@ -380,10 +378,10 @@ def attention_bwd_kv_kernel(
             scale_log2, window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_M, True, ATOMIC_DQ,
             INPUT_PRECISION)
 
-    grad_k_base = (grad_k_ptr + batch.to(tl.int64) * stride_dkb
-                   + head_kv.to(tl.int64) * stride_dkh + k_first.to(tl.int64) * stride_dks)
-    grad_v_base = (grad_v_ptr + batch.to(tl.int64) * stride_dvb
-                   + head_kv.to(tl.int64) * stride_dvh + k_first.to(tl.int64) * stride_dvs)
+    grad_k_base = _rows_base(grad_k_ptr, batch, head_kv, k_first,
+                             stride_dkb, stride_dkh, stride_dks)
+    grad_v_base = _rows_base(grad_v_ptr, batch, head_kv, k_first,
+                             stride_dvb, stride_dvh, stride_dvs)
     _store_rows(grad_k_base, keys, stride_dks, offs_d, len_k,
                 (grad_k * scale).to(grad_k_ptr.dtype.element_ty), HEAD_DIM)
     _store_rows(grad_v_base, keys, stride_dvs, offs_d, len_k,
@@ -434,14 +432,10 @@ def attention_bwd_q_kernel(
     head_kv = head // group_size
     rows = block_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-              + q_first.to(tl.int64) * stride_qs)
-    dout_base = (grad_out_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
-                 + q_first.to(tl.int64) * stride_gs)
-    k_base = (k_ptr + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
-              + k_first.to(tl.int64) * stride_ks)
-    v_base = (v_ptr + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
-              + k_first.to(tl.int64) * stride_vs)
+    q_base = _rows_base(q_ptr, batch, head, q_first, stride_qb, stride_qh, stride_qs)
+    dout_base = _rows_base(grad_out_ptr, batch, head, q_first, stride_gb, stride_gh, stride_gs)
+    k_base = _rows_base(k_ptr, batch, head_kv, k_first, stride_kb, stride_kh, stride_ks)
+    v_base = _rows_base(v_ptr, batch, head_kv, k_first, stride_vb, stride_vh, stride_vs)
     stats_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_first
     q = _load_rows(q_base, rows, stride_qs, offs_d, len_q, HEAD_DIM, BLOCK_D, True)
     dout = _load_rows(dout_base, rows, stride_gs, offs_d, len_q, HEAD_DIM, BLOCK_D, True)
@@ -461,8 +455,7 @@ def attention_bwd_q_kernel(
                                rows, offs_d, full_hi, end, len_q, len_k, scale_log2,
                                window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_N, True,
                                INPUT_PRECISION)
-    grad_q_base = (grad_q_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
-                   + q_first.to(tl.int64) * stride_dqs)
+    grad_q_base = _rows_base(grad_q_ptr, batch, head, q_first, stride_dqb, stride_dqh, stride_dqs)
     _store_rows(grad_q_base, rows, stride_dqs, offs_d, len_q,
                 (grad_q * scale).to(grad_q_ptr.dtype.element_ty), HEAD_DIM)
 

@@ -62,6 +62,16 @@ def availability() -> str | None:
     return None
 
 
+def _device_unsupported(tensor: torch.Tensor) -> str | None:
+    """None when this tier can run on ``tensor``'s device, else why not."""
+    if tensor.device.type == "cpu":
+        if not _interpreting():
+            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+    elif tensor.device.type != "cuda":
+        return f"tensors on {tensor.device.type} (the Triton tier runs on CUDA devices)"
+    return None
+
+
 def ce_unsupported(logits: torch.Tensor, target: torch.Tensor, *, probability_target: bool
                    ) -> str | None:
     """None when the kernels cover this call, else the reason (no host sync)."""
@@ -75,12 +85,7 @@ def ce_unsupported(logits: torch.Tensor, target: torch.Tensor, *, probability_ta
         return f"logits of shape {tuple(logits.shape)} (the kernels take (N, C) with C >= 1)"
     if logits.stride(1) != 1:
         return "the class dimension of the logits is not contiguous (stride(1) != 1)"
-    if logits.device.type == "cpu":
-        if not _interpreting():
-            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
-    elif logits.device.type != "cuda":
-        return f"tensors on {logits.device.type} (the Triton tier runs on CUDA devices)"
-    return None
+    return _device_unsupported(logits)
 
 
 def _kernels():
@@ -134,12 +139,7 @@ def linear_unsupported(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     devices = {t.device for t in (input, weight, bias, residual) if t is not None}
     if len(devices) != 1:
         return f"tensors on several devices ({sorted(map(str, devices))})"
-    if input.device.type == "cpu":
-        if not _interpreting():
-            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
-    elif input.device.type != "cuda":
-        return f"tensors on {input.device.type} (the Triton tier runs on CUDA devices)"
-    return None
+    return _device_unsupported(input)
 
 
 def _matmul_kernels():
@@ -210,12 +210,7 @@ def attention_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pac
     batch = None if packed else q.shape[0]
     if heads > _GRID_LIMIT or (batch is not None and batch > _GRID_LIMIT):
         return f"more than {_GRID_LIMIT} heads or sequences in one call"
-    if q.device.type == "cpu":
-        if not _interpreting():
-            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
-    elif q.device.type != "cuda":
-        return f"tensors on {q.device.type} (the Triton tier runs on CUDA devices)"
-    return None
+    return _device_unsupported(q)
 
 
 def _attention_kernels():
@@ -268,12 +263,7 @@ def conv2d_unsupported(input, weight, bias, residual, groups, activation) -> str
     if groups != 1 and not (groups == channels and weight.shape[1] == 1):
         return (f"groups={groups} (the kernels take groups=1 and depthwise, groups == "
                 f"in_channels = {channels})")
-    if input.device.type == "cpu":
-        if not _interpreting():
-            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
-    elif input.device.type != "cuda":
-        return f"tensors on {input.device.type} (the Triton tier runs on CUDA devices)"
-    return None
+    return _device_unsupported(input)
 
 
 def _conv_kernels(groups: int):

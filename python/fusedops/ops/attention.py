@@ -29,11 +29,11 @@ import torch
 from fusedops import dispatch
 from fusedops._autograd import once_differentiable_op
 from fusedops.dispatch import attention_contract
+from fusedops.ops._autocast import cast_like_autocast
 from fusedops.ops.linear import allow_tf32
 
 UNBOUNDED = attention_contract.UNBOUNDED
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _fail(op, exc_type, message):
@@ -113,14 +113,6 @@ def default_scale(op, scale, head_dim) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         _fail(op, TypeError, f"scale must be a float or None, got {scale!r}")
     return float(scale)
-
-
-def _autocast(q, k, v):
-    device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return q, k, v
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.dtype in _AUTOCAST_ELIGIBLE else t for t in (q, k, v))
 
 
 def attention_unsupported(tier, q, k, v, packed):
@@ -218,7 +210,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, return_lse=Fals
     _check_flag(op, "return_lse", return_lse)
     _check_flag(op, "deterministic", deterministic)
     scale = default_scale(op, scale, q.shape[-1])
-    q, k, v = _autocast(q, k, v)
+    q, k, v = cast_like_autocast(q.device.type, q, k, v)
     out, lse = run_attention(op, q, k, v, None, None, q.shape[2], k.shape[2], scale,
                              window_left, window_right, deterministic)
     return (out, lse) if return_lse else out
@@ -283,7 +275,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_flag(op, "return_lse", return_lse)
     _check_flag(op, "deterministic", deterministic)
     scale = default_scale(op, scale, q.shape[-1])
-    q, k, v = _autocast(q, k, v)
+    q, k, v = cast_like_autocast(q.device.type, q, k, v)
     out, lse = run_attention(op, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                              int(max_seqlen_k), scale, window_left, window_right, deterministic)
     return (out, lse) if return_lse else out

@@ -25,9 +25,9 @@ from fusedops import dispatch
 from fusedops._autograd import once_differentiable_op
 from fusedops._compile import assume_constant_result
 from fusedops.dispatch import linear_contract
+from fusedops.ops._autocast import cast_like_autocast
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 _ACTIVATIONS = (None, *(name for name in linear_contract.ACTIVATIONS if name != "none"))
 _OP = "conv2d"
 
@@ -181,13 +181,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     one of None, "relu", "gelu", "gelu_tanh", "silu". Gradients flow to all four tensors.
     """
     activation = check_activation(activation)
-    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
-        # Cast first, as autocast casts F.conv2d's arguments: a bfloat16 activation may meet
-        # float32 parameters here.
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight, bias, residual = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
-            for t in (input, weight, bias, residual))
+    if isinstance(input, torch.Tensor):
+        input, weight, bias, residual = cast_like_autocast(input.device.type, input, weight,
+                                                           bias, residual)
     _check_tensors(input, weight, bias, residual, groups)
     stride = _pair("stride", stride, 1)
     dilation = _pair("dilation", dilation, 1)

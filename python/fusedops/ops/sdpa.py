@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from fusedops import dispatch
+from fusedops.ops._autocast import cast_like_autocast
 from fusedops.ops.attention import (
     UNBOUNDED,
-    _autocast,
     attention_unsupported,
     default_scale,
     run_attention,
@@ -75,7 +75,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     reason = kernel_unsupported(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     backend = dispatch.current_backend()
     if reason is None and isinstance(is_causal, bool):
-        q, k, v = _autocast(query, key, value)
+        q, k, v = cast_like_autocast(query.device.type, query, key, value)
         tier = dispatch.select(_OP, q.device,
                                lambda t: attention_unsupported(t, q, k, v, False))
         if tier.NAME != "torch":
