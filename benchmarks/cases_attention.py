@@ -82,7 +82,21 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation, fusedops_tier_unavailable, package_missing
+from .common import (
+    element_bytes,
+    fresh_dynamo_cache,
+    fusedops_case_unsupported,
+    fusedops_implementation,
+    fusedops_tier_unavailable,
+    needs_cuda,
+    needs_grad,
+    package_missing,
+    probe_device,
+    probe_once,
+    rotating_over,
+    torch_dtype,
+)
+from .registry import Case, Family, Implementation
 
 TOKENS = 16384  # batch x seqlen
 WIDTH = 2048  # heads x D
@@ -102,18 +116,6 @@ FLASH_ATTN_4 = "flash-attn-4"  # the pip package providing flash_attn.cute
 
 # SDPA's messages when the forced backend cannot run a call (CUDA; CPU)
 SDPA_NO_KERNEL = ("No available kernel", "No viable backend")
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
-def _element_bytes(case: Case) -> int:
-    return _dtype(case.params["dtype"]).itemsize
-
-
-def _needs_grad(case: Case) -> bool:
-    return case.params["mode"] != "fwd"
 
 
 def make_case(mode: str, seqlen: int, head_dim: int, causal: bool, *,
@@ -166,7 +168,7 @@ def _rows(case: Case) -> int:
 
 def bytes_moved(case: Case) -> int:
     """The fewest bytes the op must move (see the module docstring for the formula)."""
-    n, e, lse = _elements(case), _element_bytes(case), _rows(case) * LSE_BYTES
+    n, e, lse = _elements(case), element_bytes(case), _rows(case) * LSE_BYTES
     forward = 4 * n * e  # read q, k, v; write out
     backward = 5 * n * e + lse + 3 * n * e  # read q, k, v, out, grad_out, lse; write dq, dk, dv
     mode = case.params["mode"]
@@ -178,14 +180,14 @@ def bytes_moved(case: Case) -> int:
 
 
 def input_bytes(case: Case) -> int:
-    n, e = _elements(case), _element_bytes(case)
-    return (4 if _needs_grad(case) else 3) * n * e  # q, k, v (and grad_out)
+    n, e = _elements(case), element_bytes(case)
+    return (4 if needs_grad(case) else 3) * n * e  # q, k, v (and grad_out)
 
 
 def score_matrix_bytes(case: Case) -> int:
     """Bytes of one (B, H, S, S) score matrix in the case's dtype: what eager-math makes."""
     p = case.params
-    return p["B"] * p["H"] * p["S"] * p["S"] * _element_bytes(case)
+    return p["B"] * p["H"] * p["S"] * p["S"] * element_bytes(case)
 
 
 def make_inputs(case: Case, device) -> dict:
@@ -193,8 +195,8 @@ def make_inputs(case: Case, device) -> dict:
     for the modes with a backward, a fixed random grad_out."""
     p = case.params
     shape = (p["B"], p["H"], p["S"], p["D"])
-    dtype = _dtype(p["dtype"])
-    train = _needs_grad(case)
+    dtype = torch_dtype(p["dtype"])
+    train = needs_grad(case)
     inputs = {name: torch.randn(shape, device=device, dtype=dtype).requires_grad_(train)
               for name in ("q", "k", "v")}
     inputs["grad_out"] = torch.randn(shape, device=device, dtype=dtype) if train else None
@@ -229,10 +231,7 @@ def _bind(forward, case: Case, inputs: dict):
     return lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
 
 
-def _rotating(forward, case, input_sets):
-    from .timing import rotate
-
-    return rotate([_bind(forward, case, inputs) for inputs in input_sets])
+_rotating = rotating_over(_bind)
 
 
 def _probe_case(case: Case) -> Case:
@@ -253,29 +252,8 @@ def _describe(case: Case) -> str:
     return f"D={p['D']} {p['dtype']} {'causal' if p['causal'] else 'full'} {what}"
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _needs_cuda() -> str | None:
-    return None if torch.cuda.is_available() else "needs a CUDA device"
-
-
+# what the tiny calls found, per (implementation, D, dtype, masking, mode)
 _case_probes: dict[tuple, str | None] = {}
-
-
-def _probe(key: tuple, call, catch: tuple[type[BaseException], ...], say) -> str | None:
-    """Why ``call()`` (a tiny version of a case) fails with one of ``catch``, or None; probed
-    once per key. Other failures are the measurement's to record, with their traceback."""
-    if key not in _case_probes:
-        _case_probes[key] = None
-        try:
-            call()
-        except catch as exc:
-            _case_probes[key] = say(exc)
-        except Exception:  # noqa: BLE001 - the measurement records it, with its traceback
-            pass
-    return _case_probes[key]
 
 
 # --- fusedops tiers ---------------------------------------------------------------------
@@ -300,7 +278,7 @@ def fusedops_unavailable(tier: str) -> str | None:
 
     def probe():
         case = make_case("fwd+bwd", PROBE_SEQLEN, 64, True, batch=1, heads=PROBE_HEADS)
-        _bind(_fusedops_forward(tier, True), case, make_inputs(case, _device()))()
+        _bind(_fusedops_forward(tier, True), case, make_inputs(case, probe_device()))()
 
     return fusedops_tier_unavailable(tier, "attention", probe, _probed)
 
@@ -312,11 +290,10 @@ def fusedops_unsupported(tier: str, case: Case) -> str | None:
 
     def call():
         _bind(_fusedops_forward(tier, small.params["causal"]), small,
-              make_inputs(small, _device()))()
+              make_inputs(small, probe_device()))()
 
-    return _probe(_probe_key(f"fusedops-{tier}", case), call, (NotImplementedError,),
-                  lambda exc: f"fusedops.attention does not run {_describe(case)} on {tier}: "
-                              f"{exc}")
+    return fusedops_case_unsupported(tier, "attention", _describe(case), call,
+                                     _probe_key(f"fusedops-{tier}", case), _case_probes)
 
 
 def _fusedops_tier(tier: str, deterministic: bool = False) -> Implementation:
@@ -324,13 +301,12 @@ def _fusedops_tier(tier: str, deterministic: bool = False) -> Implementation:
         return _rotating(_fusedops_forward(tier, case.params["causal"], deterministic), case,
                          input_sets)
 
-    suffix = "-deterministic" if deterministic else ""
-    return Implementation(name=f"fusedops-{tier}{suffix}", setup=setup,
-                          unavailable=lambda: fusedops_unavailable(tier),
-                          unsupported=lambda case: fusedops_unsupported(tier, case),
-                          baseline=False, quick=not deterministic,
-                          note=f'fusedops.use_backend("{tier}")'
-                               + (", deterministic=True" if deterministic else ""))
+    return fusedops_implementation(tier, setup,
+                                   unavailable=lambda: fusedops_unavailable(tier),
+                                   unsupported=lambda case: fusedops_unsupported(tier, case),
+                                   variant="deterministic" if deterministic else "",
+                                   note=", deterministic=True" if deterministic else "",
+                                   quick=not deterministic)
 
 
 # --- SDPA backends ----------------------------------------------------------------------
@@ -375,7 +351,7 @@ def sdpa_probe_reason(backend: str, case: Case, device: str) -> str | None:
 
 def _sdpa_unavailable(backend: str):
     def unavailable() -> str | None:
-        reason = _needs_cuda()
+        reason = needs_cuda()
         if reason is None and backend == "FLASH_ATTENTION":
             import torch.nn.attention
 
@@ -407,9 +383,9 @@ def _sdpa(name: str, backend: str, note: str) -> Implementation:
 
 
 def _flex_unavailable() -> str | None:
-    reason = _needs_cuda()
+    reason = needs_cuda(because="FlexAttention's CPU path has no backward")
     if reason is not None:
-        return reason + " (FlexAttention's CPU path has no backward)"
+        return reason
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError as exc:
@@ -439,8 +415,7 @@ def flex_forward(case: Case, device, compiled: bool = True):
 
 
 def _flex_setup(case, input_sets):
-    # A fresh Dynamo cache per case (see cases_cross_entropy._compile_setup).
-    torch._dynamo.reset()
+    fresh_dynamo_cache()
     forward = flex_forward(case, input_sets[0]["q"].device)
     if case.params["mode"] != "bwd":
         return _rotating(forward, case, input_sets)
@@ -479,7 +454,7 @@ _flash_attn_cute_missing = package_missing("flash_attn.cute", FLASH_ATTN_4)
 
 
 def _flash_attn_4_unavailable() -> str | None:
-    return _flash_attn_missing() or _flash_attn_cute_missing() or _needs_cuda()
+    return _flash_attn_missing() or _flash_attn_cute_missing() or needs_cuda()
 
 
 def _to_bshd(inputs: dict) -> dict:
@@ -520,8 +495,8 @@ def flash_attn_4_unsupported(case: Case) -> str | None:
         why = f"{type(exc).__name__}: {exc}".strip()[:300]
         return f"{FLASH_ATTN_4} does not run {_describe(case)} here: {why}"
 
-    return _probe(_probe_key(FLASH_ATTN_4, case), call,
-                  (AssertionError, NotImplementedError, ValueError), say)
+    return probe_once(_case_probes, _probe_key(FLASH_ATTN_4, case), call, say,
+                      catch=(AssertionError, NotImplementedError, ValueError))
 
 
 IMPLEMENTATIONS = (

@@ -106,7 +106,23 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation, fusedops_tier_unavailable
+from .common import (
+    bind_epilogue_op,
+    compile_epilogue_op,
+    eager_epilogue,
+    element_bytes,
+    epilogue_op_leaves,
+    fusedops_case_unsupported,
+    fusedops_implementation,
+    fusedops_tier_unavailable,
+    needs_cuda,
+    needs_grad,
+    probe_device,
+    rotating_over,
+    saves_preactivation,
+    torch_dtype,
+)
+from .registry import Case, Family, Implementation
 
 BATCHES = (64, 256)
 DTYPES = ("bfloat16", "float16")
@@ -175,25 +191,6 @@ PROBE_CHANNELS = 16
 PROBE_SIZE = 16
 
 _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
-_TORCH_ACTIVATIONS = {
-    None: lambda z: z,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "silu": F.silu,
-}
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
-def _element_bytes(case: Case) -> int:
-    return _dtype(case.params["dtype"]).itemsize
-
-
-def _needs_grad(case: Case) -> bool:
-    return case.params["mode"] != "fwd"
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -273,16 +270,12 @@ def flops(case: Case) -> int:
 
 def _sizes(case: Case) -> tuple[int, int, int, int]:
     """Bytes of (input X, weight Wt, bias B, output Y)."""
-    p, e = case.params, _element_bytes(case)
+    p, e = case.params, element_bytes(case)
     x = p["N"] * p["C"] * p["H"] * p["W"] * e
     w = p["K"] * (p["C"] // p["groups"]) * p["R"] * p["S"] * e
     b = p["K"] * e if p["bias"] else 0
     y = p["N"] * p["K"] * p["OH"] * p["OW"] * e
     return x, w, b, y
-
-
-def _saves_preactivation(case: Case) -> bool:
-    return case.params["activation"] not in (None, "relu")
 
 
 def bytes_moved(case: Case) -> int:
@@ -292,7 +285,7 @@ def bytes_moved(case: Case) -> int:
     forward = x + w + b + r + y
     if case.params["mode"] == "fwd":
         return forward
-    saved = y if _saves_preactivation(case) else 0  # z, written by the forward
+    saved = y if saves_preactivation(case) else 0  # z, written by the forward
     derivative = y if case.params["activation"] is not None else 0  # z, or relu's output
     backward = (y + derivative  # read grad_out and what act' needs
                 + x + w  # read x and W again
@@ -303,7 +296,7 @@ def bytes_moved(case: Case) -> int:
 def input_bytes(case: Case) -> int:
     x, w, b, y = _sizes(case)
     total = x + w + b + (y if case.params["residual"] else 0)
-    return total + (y if _needs_grad(case) else 0)  # grad_out
+    return total + (y if needs_grad(case) else 0)  # grad_out
 
 
 # --- inputs and the timed callables -----------------------------------------------------
@@ -313,8 +306,8 @@ def make_inputs(case: Case, device) -> dict:
     """Random channels_last x, W (scaled by (C/groups·R·S)^-1/2, so the outputs are O(1)),
     b, r and grad_out."""
     p = case.params
-    dtype = _dtype(p["dtype"])
-    train = _needs_grad(case)
+    dtype = torch_dtype(p["dtype"])
+    train = needs_grad(case)
 
     def randn(*shape):
         return torch.empty(shape, device=device, dtype=dtype,
@@ -330,9 +323,8 @@ def make_inputs(case: Case, device) -> dict:
         "grad_out": randn(*out_shape) if train else None,
     }
     if train:
-        for name in ("input", "weight", "bias", "residual"):
-            if inputs[name] is not None:
-                inputs[name].requires_grad_(True)
+        for leaf in epilogue_op_leaves(inputs):
+            leaf.requires_grad_(True)
     return inputs
 
 
@@ -344,9 +336,7 @@ def _conv(case: Case, x, w, b):
 def reference(case: Case, inputs: dict):
     """What every implementation computes, in eager torch: act(conv(x, W) + b + r)."""
     z = _conv(case, inputs["input"], inputs["weight"], inputs["bias"])
-    if inputs["residual"] is not None:
-        z = z + inputs["residual"]
-    return _TORCH_ACTIVATIONS[case.params["activation"]](z)
+    return eager_epilogue(z, inputs["residual"], case.params["activation"])
 
 
 @contextlib.contextmanager
@@ -363,16 +353,7 @@ def cudnn_benchmark():
 def _bind(forward, case: Case, inputs: dict):
     """The timed callable: the output, or the gradients of <output, grad_out> with respect to
     x, W, b and r (those the inputs have), with cuDNN's benchmark mode on during the call."""
-    if case.params["mode"] == "fwd":
-        def call():
-            return forward(inputs)
-    else:
-        wrt = [inputs[name] for name in ("input", "weight", "bias", "residual")
-               if inputs[name] is not None]
-        grad_out = inputs["grad_out"]
-
-        def call():
-            return torch.autograd.grad(forward(inputs), wrt, grad_out)
+    call = bind_epilogue_op(forward, case, inputs)
 
     def timed():
         with cudnn_benchmark():
@@ -381,14 +362,7 @@ def _bind(forward, case: Case, inputs: dict):
     return timed
 
 
-def _rotating(forward, case, input_sets):
-    from .timing import rotate
-
-    return rotate([_bind(forward, case, inputs) for inputs in input_sets])
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+_rotating = rotating_over(_bind)
 
 
 def _describe(case: Case) -> str:
@@ -415,21 +389,8 @@ def probe_case(case: Case) -> Case:
                      dtype=p["dtype"], net="probe")
 
 
+# what the tiny calls found, per (implementation, probe case)
 _case_probes: dict[tuple, str | None] = {}
-
-
-def _probe(key: tuple, call, say) -> str | None:
-    """Why ``call()`` (a tiny version of a case) raises NotImplementedError, or None; probed
-    once per key. Other failures are the measurement's to record, with their traceback."""
-    if key not in _case_probes:
-        _case_probes[key] = None
-        try:
-            call()
-        except NotImplementedError as exc:
-            _case_probes[key] = say(exc)
-        except Exception:  # noqa: BLE001 - the measurement records it, with its traceback
-            pass
-    return _case_probes[key]
 
 
 # --- fusedops tiers ---------------------------------------------------------------------
@@ -459,7 +420,7 @@ def fusedops_unavailable(tier: str) -> str | None:
     def probe():
         case = make_case("fwd+bwd", PROBE_BATCH, PROBE_CHANNELS, PROBE_CHANNELS, PROBE_SIZE, 3,
                          residual=True, net="probe")
-        _bind(_fusedops_forward(tier, case), case, make_inputs(case, _device()))()
+        _bind(_fusedops_forward(tier, case), case, make_inputs(case, probe_device()))()
 
     return fusedops_tier_unavailable(tier, "conv2d", probe, _probed)
 
@@ -470,29 +431,29 @@ def fusedops_unsupported(tier: str, case: Case) -> str | None:
     small = probe_case(case)
 
     def call():
-        _bind(_fusedops_forward(tier, small), small, make_inputs(small, _device()))()
+        _bind(_fusedops_forward(tier, small), small, make_inputs(small, probe_device()))()
 
-    return _probe((f"fusedops-{tier}", small.id), call,
-                  lambda exc: f"fusedops.conv2d does not run {_describe(case)} on {tier}: "
-                              f"{exc}")
+    return fusedops_case_unsupported(tier, "conv2d", _describe(case), call,
+                                     (f"fusedops-{tier}", small.id), _case_probes)
 
 
 def _fusedops_tier(tier: str) -> Implementation:
     def setup(case, input_sets):
         return _rotating(_fusedops_forward(tier, case), case, input_sets)
 
-    return Implementation(name=f"fusedops-{tier}", setup=setup,
-                          unavailable=lambda: fusedops_unavailable(tier),
-                          unsupported=lambda case: fusedops_unsupported(tier, case),
-                          baseline=False, note=f'fusedops.use_backend("{tier}"), channels_last')
+    return fusedops_implementation(tier, setup,
+                                   unavailable=lambda: fusedops_unavailable(tier),
+                                   unsupported=lambda case: fusedops_unsupported(tier, case),
+                                   note=", channels_last")
 
 
 # --- baselines --------------------------------------------------------------------------
 
 
 def cudnn_unavailable() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA device"
+    reason = needs_cuda()
+    if reason is not None:
+        return reason
     if not torch.backends.cudnn.is_available():
         return "cuDNN is not available in this torch build"
     return None
@@ -513,28 +474,16 @@ def _cudnn_eager_setup(case, input_sets):
 
 def eager_function(case: Case):
     """``(x, w, b, r) -> act(conv(x, w, b) + r)``, the function torch.compile is given."""
-    act = _TORCH_ACTIVATIONS[case.params["activation"]]
+    activation = case.params["activation"]
 
     def eager(x, w, b, r):
-        z = _conv(case, x, w, b)
-        if r is not None:
-            z = z + r
-        return act(z)
+        return eager_epilogue(_conv(case, x, w, b), r, activation)
 
     return eager
 
 
 def _compile_setup(case, input_sets):
-    # A fresh Dynamo cache per case: every (shape, grad mode) compiles anew under
-    # dynamic=False, and one code object would otherwise hit the recompile limit.
-    torch._dynamo.reset()
-    compiled = torch.compile(eager_function(case), mode="max-autotune-no-cudagraphs",
-                             dynamic=False)
-
-    def forward(inputs):
-        return compiled(inputs["input"], inputs["weight"], inputs["bias"], inputs["residual"])
-
-    return _rotating(forward, case, input_sets)
+    return compile_epilogue_op(eager_function(case), case, input_sets, _rotating)
 
 
 IMPLEMENTATIONS = (

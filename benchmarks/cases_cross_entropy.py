@@ -36,25 +36,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation, package_missing
+from .common import (
+    IGNORE_FRACTION,
+    IGNORE_INDEX,
+    ROW_OUTPUT_BYTES,
+    TARGET_BYTES,
+    element_bytes,
+    fresh_dynamo_cache,
+    fusedops_implementation,
+    needs_grad,
+    package_missing,
+    random_targets,
+    rotating_over,
+    tier_unavailable,
+    torch_dtype,
+)
+from .registry import Case, Family, Implementation
 
 ROWS = (4096, 16384)
 CLASSES = (32000, 128256, 262144)
 QUICK_SHAPES = {(4096, 32000), (16384, 128256)}
 MODES = ("fwd", "fwd+bwd")
 DTYPE = "bfloat16"
-IGNORE_INDEX = -100
-IGNORE_FRACTION = 0.01
-TARGET_BYTES = 8  # int64 class indices
-ROW_OUTPUT_BYTES = 4  # one float32 per row
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
-def _element_bytes(case: Case) -> int:
-    return _dtype(case.params["dtype"]).itemsize
 
 
 def cases(quick: bool) -> list[Case]:
@@ -74,7 +77,7 @@ def cases(quick: bool) -> list[Case]:
 
 def bytes_moved(case: Case) -> int:
     """The fewest bytes the op must move (see the module docstring for the formula)."""
-    n, c, e = case.params["N"], case.params["C"], _element_bytes(case)
+    n, c, e = case.params["N"], case.params["C"], element_bytes(case)
     forward = n * c * e + n * TARGET_BYTES + n * ROW_OUTPUT_BYTES
     if case.params["mode"] == "fwd":
         return forward
@@ -87,18 +90,16 @@ def flops(case: Case) -> int:
 
 
 def input_bytes(case: Case) -> int:
-    n, c, e = case.params["N"], case.params["C"], _element_bytes(case)
+    n, c, e = case.params["N"], case.params["C"], element_bytes(case)
     return n * c * e + n * TARGET_BYTES
 
 
 def make_inputs(case: Case, device) -> dict:
     """Random bf16 logits and int64 targets with ~1% ignore_index (never zeros)."""
     n, c = case.params["N"], case.params["C"]
-    logits = torch.randn(n, c, device=device, dtype=_dtype(case.params["dtype"]))
-    target = torch.randint(0, c, (n,), device=device, dtype=torch.int64)
-    ignored = torch.rand(n, device=device) < case.params["ignore_fraction"]
-    target = target.masked_fill(ignored, IGNORE_INDEX)
-    if case.params["mode"] != "fwd":
+    logits = torch.randn(n, c, device=device, dtype=torch_dtype(case.params["dtype"]))
+    target = random_targets(n, c, case.params["ignore_fraction"], device)
+    if needs_grad(case):
         logits.requires_grad_(True)
     return {"logits": logits, "target": target}
 
@@ -111,21 +112,13 @@ def _bind(loss_fn, case: Case, inputs: dict):
     return lambda: torch.autograd.grad(loss_fn(logits, target), logits)[0]
 
 
-def _rotating(loss_fn, case, input_sets):
-    from .timing import rotate
-
-    return rotate([_bind(loss_fn, case, inputs) for inputs in input_sets])
+_rotating = rotating_over(_bind)
 
 
 # --- fusedops tiers ---------------------------------------------------------------------
 
 
 def _fusedops_tier(tier: str) -> Implementation:
-    def unavailable():
-        import fusedops
-
-        return fusedops.backends().get(tier, f"fusedops has no {tier!r} tier")
-
     def setup(case, input_sets):
         import fusedops
 
@@ -136,8 +129,7 @@ def _fusedops_tier(tier: str) -> Implementation:
 
         return _rotating(loss_fn, case, input_sets)
 
-    return Implementation(name=f"fusedops-{tier}", setup=setup, unavailable=unavailable,
-                          baseline=False, note=f'fusedops.use_backend("{tier}")')
+    return fusedops_implementation(tier, setup, unavailable=lambda: tier_unavailable(tier))
 
 
 # --- baselines --------------------------------------------------------------------------
@@ -152,9 +144,7 @@ def _eager_setup(case, input_sets):
 
 
 def _compile_setup(case, input_sets):
-    # A fresh Dynamo cache per case: every (shape, grad mode) compiles anew under
-    # dynamic=False, and one code object would otherwise hit the recompile limit.
-    torch._dynamo.reset()
+    fresh_dynamo_cache()
     compiled = torch.compile(F.cross_entropy, dynamic=False)
 
     def loss_fn(logits, target):

@@ -50,7 +50,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation, fusedops_tier_unavailable
+from .common import (
+    bind_epilogue_op,
+    compile_epilogue_op,
+    eager_epilogue,
+    element_bytes,
+    epilogue_op_leaves,
+    fusedops_implementation,
+    fusedops_tier_unavailable,
+    needs_grad,
+    probe_device,
+    rotating_over,
+    saves_preactivation,
+    torch_dtype,
+)
+from .registry import Case, Family, Implementation
 
 TOKENS = (4096, 16384)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))  # (K, N)
@@ -60,22 +74,6 @@ MODES = ("fwd", "fwd+bwd")
 DTYPE = "bfloat16"
 ACTIVATION = "gelu_tanh"
 PROBE_SIZE = 64
-
-_TORCH_ACTIVATIONS = {
-    None: lambda z: z,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "silu": F.silu,
-}
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
-def _element_bytes(case: Case) -> int:
-    return _dtype(case.params["dtype"]).itemsize
 
 
 def make_case(mode: str, m: int, k: int, n: int, *, residual: bool = False,
@@ -106,19 +104,15 @@ def flops(case: Case) -> int:
     return 2 * m * n * k * (1 if case.params["mode"] == "fwd" else 3)
 
 
-def _saves_preactivation(case: Case) -> bool:
-    return case.params["activation"] not in (None, "relu")
-
-
 def bytes_moved(case: Case) -> int:
     """The fewest bytes the op must move (see the module docstring for the formula)."""
-    m, k, n, e = case.params["M"], case.params["K"], case.params["N"], _element_bytes(case)
+    m, k, n, e = case.params["M"], case.params["K"], case.params["N"], element_bytes(case)
     bias = n * e if case.params["bias"] else 0
     residual = m * n * e if case.params["residual"] else 0
     forward = m * k * e + n * k * e + bias + residual + m * n * e
     if case.params["mode"] == "fwd":
         return forward
-    saved = m * n * e if _saves_preactivation(case) else 0
+    saved = m * n * e if saves_preactivation(case) else 0
     backward = (m * n * e + saved  # read grad_out and z
                 + m * k * e + n * k * e  # read x and W again
                 + m * k * e + n * k * e + bias + residual)  # write the gradients
@@ -126,19 +120,19 @@ def bytes_moved(case: Case) -> int:
 
 
 def input_bytes(case: Case) -> int:
-    m, k, n, e = case.params["M"], case.params["K"], case.params["N"], _element_bytes(case)
+    m, k, n, e = case.params["M"], case.params["K"], case.params["N"], element_bytes(case)
     total = m * k * e + n * k * e
     total += n * e if case.params["bias"] else 0
     total += m * n * e if case.params["residual"] else 0
-    total += m * n * e if case.params["mode"] != "fwd" else 0  # grad_out
+    total += m * n * e if needs_grad(case) else 0  # grad_out
     return total
 
 
 def make_inputs(case: Case, device) -> dict:
     """Random x, W (scaled by K^-1/2, so the outputs are O(1)), b, r and grad_out."""
     m, k, n = case.params["M"], case.params["K"], case.params["N"]
-    dtype = _dtype(case.params["dtype"])
-    train = case.params["mode"] != "fwd"
+    dtype = torch_dtype(case.params["dtype"])
+    train = needs_grad(case)
     inputs = {
         "input": torch.randn(m, k, device=device, dtype=dtype),
         "weight": torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5,
@@ -148,34 +142,21 @@ def make_inputs(case: Case, device) -> dict:
         "grad_out": torch.randn(m, n, device=device, dtype=dtype) if train else None,
     }
     if train:
-        for name in ("input", "weight", "bias", "residual"):
-            if inputs[name] is not None:
-                inputs[name].requires_grad_(True)
+        for leaf in epilogue_op_leaves(inputs):
+            leaf.requires_grad_(True)
     return inputs
 
 
 def reference(inputs: dict, activation: str | None):
     """What every implementation computes, in torch: act(x·Wᵀ + b + r)."""
     z = F.linear(inputs["input"], inputs["weight"], inputs["bias"])
-    if inputs["residual"] is not None:
-        z = z + inputs["residual"]
-    return _TORCH_ACTIVATIONS[activation](z)
+    return eager_epilogue(z, inputs["residual"], activation)
 
 
-def _bind(forward, case: Case, inputs: dict):
-    """The timed callable: the output, or the gradients of <output, grad_out>."""
-    if case.params["mode"] == "fwd":
-        return lambda: forward(inputs)
-    wrt = [inputs[name] for name in ("input", "weight", "bias", "residual")
-           if inputs[name] is not None]
-    grad_out = inputs["grad_out"]
-    return lambda: torch.autograd.grad(forward(inputs), wrt, grad_out)
-
-
-def _rotating(forward, case, input_sets):
-    from .timing import rotate
-
-    return rotate([_bind(forward, case, inputs) for inputs in input_sets])
+# The timed callable of one input set: the output, or the gradients of <output, grad_out>
+# with respect to x, W, b and r (common.bind_epilogue_op).
+_bind = bind_epilogue_op
+_rotating = rotating_over(_bind)
 
 
 # --- fusedops tiers ---------------------------------------------------------------------
@@ -190,7 +171,7 @@ def fusedops_unavailable(tier: str) -> str | None:
         import fusedops
 
         case = make_case("fwd+bwd", PROBE_SIZE, PROBE_SIZE, PROBE_SIZE)
-        inputs = make_inputs(case, "cuda" if torch.cuda.is_available() else "cpu")
+        inputs = make_inputs(case, probe_device())
 
         def forward(inputs):
             with fusedops.use_backend(tier):
@@ -216,9 +197,7 @@ def _fusedops_tier(tier: str) -> Implementation:
 
         return _rotating(forward, case, input_sets)
 
-    return Implementation(name=f"fusedops-{tier}", setup=setup,
-                          unavailable=lambda: fusedops_unavailable(tier), baseline=False,
-                          note=f'fusedops.use_backend("{tier}")')
+    return fusedops_implementation(tier, setup, unavailable=lambda: fusedops_unavailable(tier))
 
 
 # --- baselines --------------------------------------------------------------------------
@@ -270,23 +249,12 @@ def _eager_setup(case, input_sets):
 
 
 def _compile_setup(case, input_sets):
-    # A fresh Dynamo cache per case: every (shape, grad mode) compiles anew under
-    # dynamic=False, and one code object would otherwise hit the recompile limit.
-    torch._dynamo.reset()
-    act = _TORCH_ACTIVATIONS[case.params["activation"]]
+    activation = case.params["activation"]
 
     def eager(x, w, b, r):
-        z = F.linear(x, w, b)
-        if r is not None:
-            z = z + r
-        return act(z)
+        return eager_epilogue(F.linear(x, w, b), r, activation)
 
-    compiled = torch.compile(eager, mode="max-autotune-no-cudagraphs", dynamic=False)
-
-    def forward(inputs):
-        return compiled(inputs["input"], inputs["weight"], inputs["bias"], inputs["residual"])
-
-    return _rotating(forward, case, input_sets)
+    return compile_epilogue_op(eager, case, input_sets, _rotating)
 
 
 IMPLEMENTATIONS = (

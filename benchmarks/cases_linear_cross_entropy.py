@@ -46,7 +46,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation, fusedops_tier_unavailable, package_missing
+from .common import (
+    IGNORE_FRACTION,
+    IGNORE_INDEX,
+    ROW_OUTPUT_BYTES,
+    TARGET_BYTES,
+    element_bytes,
+    fresh_dynamo_cache,
+    fusedops_implementation,
+    fusedops_tier_unavailable,
+    needs_grad,
+    package_missing,
+    probe_device,
+    random_targets,
+    rotating_over,
+    torch_dtype,
+)
+from .registry import Case, Family, Implementation
 
 TOKENS = 16384
 HIDDEN = 4096
@@ -54,19 +70,7 @@ VOCAB = 128256
 MODES = ("fwd", "fwd+bwd")
 QUICK_MODES = ("fwd+bwd",)
 DTYPE = "bfloat16"
-IGNORE_INDEX = -100
-IGNORE_FRACTION = 0.01
-TARGET_BYTES = 8  # int64 class indices
-ROW_OUTPUT_BYTES = 4  # one float32 per row (the lse a backward needs)
 PROBE_SHAPE = (64, 64, 256)  # (T, H, V) of the availability probe
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
-def _element_bytes(case: Case) -> int:
-    return _dtype(case.params["dtype"]).itemsize
 
 
 def make_case(mode: str, tokens: int = TOKENS, hidden: int = HIDDEN, vocab: int = VOCAB,
@@ -101,7 +105,7 @@ def flops(case: Case) -> int:
 
 def bytes_moved(case: Case) -> int:
     """The fewest bytes the op must move (see the module docstring for the formula)."""
-    t, h, v, e = case.params["T"], case.params["H"], case.params["V"], _element_bytes(case)
+    t, h, v, e = case.params["T"], case.params["H"], case.params["V"], element_bytes(case)
     forward = t * h * e + v * h * e + t * TARGET_BYTES + t * ROW_OUTPUT_BYTES
     if case.params["mode"] == "fwd":
         return forward
@@ -109,7 +113,7 @@ def bytes_moved(case: Case) -> int:
 
 
 def input_bytes(case: Case) -> int:
-    t, h, v, e = case.params["T"], case.params["H"], case.params["V"], _element_bytes(case)
+    t, h, v, e = case.params["T"], case.params["H"], case.params["V"], element_bytes(case)
     return t * h * e + v * h * e + t * TARGET_BYTES
 
 
@@ -117,13 +121,11 @@ def make_inputs(case: Case, device) -> dict:
     """Random x, W scaled by H^-1/2 (logits of standard deviation ~1), int64 targets with
     ~1% ignore_index."""
     t, h, v = case.params["T"], case.params["H"], case.params["V"]
-    dtype = _dtype(case.params["dtype"])
+    dtype = torch_dtype(case.params["dtype"])
     x = torch.randn(t, h, device=device, dtype=dtype)
     w = torch.randn(v, h, device=device, dtype=dtype) * h ** -0.5
-    target = torch.randint(0, v, (t,), device=device, dtype=torch.int64)
-    ignored = torch.rand(t, device=device) < case.params["ignore_fraction"]
-    target = target.masked_fill(ignored, IGNORE_INDEX)
-    if case.params["mode"] != "fwd":
+    target = random_targets(t, v, case.params["ignore_fraction"], device)
+    if needs_grad(case):
         x.requires_grad_(True)
         w.requires_grad_(True)
     return {"input": x, "weight": w, "target": target}
@@ -142,10 +144,7 @@ def _bind(loss_fn, case: Case, inputs: dict):
     return lambda: torch.autograd.grad(loss_fn(x, w, target), (x, w))
 
 
-def _rotating(loss_fn, case, input_sets):
-    from .timing import rotate
-
-    return rotate([_bind(loss_fn, case, inputs) for inputs in input_sets])
+_rotating = rotating_over(_bind)
 
 
 def _loss_of(out):
@@ -178,8 +177,7 @@ def fusedops_unavailable(tier: str) -> str | None:
 
     def probe():
         case = make_case("fwd+bwd", *PROBE_SHAPE)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        _bind(_fusedops_loss(tier, "mean"), case, make_inputs(case, device))()
+        _bind(_fusedops_loss(tier, "mean"), case, make_inputs(case, probe_device()))()
 
     return fusedops_tier_unavailable(tier, "linear_cross_entropy", probe, _probed)
 
@@ -188,9 +186,7 @@ def _fusedops_tier(tier: str) -> Implementation:
     def setup(case, input_sets):
         return _rotating(_fusedops_loss(tier, case.params["reduction"]), case, input_sets)
 
-    return Implementation(name=f"fusedops-{tier}", setup=setup,
-                          unavailable=lambda: fusedops_unavailable(tier), baseline=False,
-                          note=f'fusedops.use_backend("{tier}")')
+    return fusedops_implementation(tier, setup, unavailable=lambda: fusedops_unavailable(tier))
 
 
 # --- baselines --------------------------------------------------------------------------
@@ -202,8 +198,7 @@ def _eager_setup(case, input_sets):
 
 
 def _compile_setup(case, input_sets):
-    # A fresh Dynamo cache per case (see cases_cross_entropy._compile_setup).
-    torch._dynamo.reset()
+    fresh_dynamo_cache()
     compiled = torch.compile(reference, dynamic=False)
     reduction = case.params["reduction"]
     return _rotating(lambda x, w, t: compiled(x, w, t, reduction), case, input_sets)

@@ -76,7 +76,14 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, Family, Implementation, package_missing
+from .common import (
+    fresh_dynamo_cache,
+    needs_cuda,
+    package_missing,
+    tier_unavailable,
+    torch_dtype,
+)
+from .registry import Case, Family, Implementation
 
 DTYPE = "bfloat16"
 SEED = 0
@@ -285,12 +292,11 @@ def make_step(case: Case, input_sets, *, fused: bool, tier: str = "auto",
         fusedops.patch(model)
     forward_model = model
     if compiled:
-        # A fresh Dynamo cache per model (see cases_cross_entropy._compile_setup).
-        torch._dynamo.reset()
+        fresh_dynamo_cache()
         forward_model = torch.compile(model, dynamic=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
                                   fused=device.type == "cuda")
-    autocast_dtype = getattr(torch, case.params["dtype"])
+    autocast_dtype = torch_dtype(case.params["dtype"])
 
     def contexts() -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -322,18 +328,14 @@ def make_step(case: Case, input_sets, *, fused: bool, tier: str = "auto",
 
 
 def _needs_cuda() -> str | None:
-    if torch.cuda.is_available():
-        return None
-    return "needs a CUDA device (a training step at these sizes is GPU work)"
+    return needs_cuda(because="a training step at these sizes is GPU work")
 
 
 def _fusedops_unavailable(tier: str):
     def unavailable() -> str | None:
         reason = _needs_cuda()
         if reason is None and tier != "auto":
-            import fusedops
-
-            reason = fusedops.backends().get(tier, f"fusedops has no {tier!r} tier")
+            reason = tier_unavailable(tier)
         return reason
 
     return unavailable

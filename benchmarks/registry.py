@@ -3,7 +3,8 @@
 A family (cross-entropy, linear, linear-cross-entropy, attention and conv2d) is
 one ``cases_<name>.py`` module that defines ``FAMILY = Family(...)``, and one line in
 ``FAMILY_MODULES`` below. The runner, the store and the writers are generic: they only see
-``Case``, ``Implementation`` and the family's byte and FLOP counts.
+``Case``, ``Implementation`` and the family's byte and FLOP counts. What the families
+share (dtypes, rotation through input sets, probes and skip reasons) is in ``common``.
 
 Adding a family::
 
@@ -115,42 +116,3 @@ def get_family(name: str) -> Family:
                            f"registered as {name!r}")
     return family
 
-
-def fusedops_tier_unavailable(tier: str, op_name: str, probe: Callable[[], Any],
-                              cache: dict[str, str | None]) -> str | None:
-    """Why fusedops' ``tier`` cannot time ``fusedops.<op_name>`` here, or None.
-
-    The tier's own reason (``fusedops.backends()``), the op missing from this fusedops, or
-    ``probe()`` — a tiny call of the op with the tier forced — raising NotImplementedError
-    (the tier does not cover the op). Any other failure of the probe is left for the
-    measurement itself to record as an error, with its traceback. Probed once per tier.
-    """
-    import fusedops
-
-    reason = fusedops.backends().get(tier, f"fusedops has no {tier!r} tier")
-    if reason is not None:
-        return reason
-    if not hasattr(fusedops, op_name):
-        return f"fusedops.{op_name} does not exist yet"
-    if tier not in cache:
-        cache[tier] = None
-        try:
-            probe()
-        except NotImplementedError as exc:
-            cache[tier] = f"fusedops.{op_name} raises NotImplementedError: {exc}"
-        except Exception:  # noqa: BLE001 - the measurement records it, with its traceback
-            pass
-    return cache[tier]
-
-
-def package_missing(module: str, pip_name: str) -> Callable[[], str | None]:
-    """An ``unavailable`` for a baseline from an optional package: why not, when it is absent."""
-
-    def unavailable() -> str | None:
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            return f"{pip_name} is not installed"
-        return None
-
-    return unavailable

@@ -19,64 +19,16 @@ and GB/s at the median (GB/s is the figure for the memory-bound depthwise cases)
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
-pytest.importorskip("pytest_benchmark")
+from .cases_conv2d import FAMILY
+from .suite import GPU_ONLY, implementation_names, inputs_fixture, run_benchmark
 
-from .cases_conv2d import FAMILY  # noqa: E402
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
-FULL = os.environ.get("FUSEDOPS_BENCH_FULL") == "1"
-CASES = FAMILY.cases(quick=not FULL)
-IMPLEMENTATIONS = [impl.name for impl in FAMILY.implementations if FULL or impl.quick]
+pytestmark = GPU_ONLY
+case_inputs = inputs_fixture(FAMILY)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[case.id for case in CASES])
-def case_inputs(request):
-    """One case's inputs, made once for all implementations, freed after them."""
-    case = request.param
-    inputs = FAMILY.make_inputs(case, "cuda")
-    yield case, [inputs]
-    del inputs
-    torch.cuda.empty_cache()
-
-
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", implementation_names(FAMILY))
 def test_conv2d(benchmark, case_inputs, implementation):
-    case, input_sets = case_inputs
-    impl = FAMILY.implementation(implementation)
-    reason = impl.unavailable() or impl.unsupported(case)
-    if reason is not None:
-        pytest.skip(f"{implementation}: {reason}")
-    try:
-        fn = impl.setup(case, input_sets)
-    except NotImplementedError as exc:
-        pytest.skip(f"{implementation}: {exc}")
-    first = fn()  # compilation, autotuning and cuDNN's algorithm search, untimed
-    torch.cuda.synchronize()
-    results = first if isinstance(first, (tuple, list)) else (first,)
-    for result in results:
-        if isinstance(result, torch.Tensor) and result.is_floating_point():
-            assert bool(torch.isfinite(result).all()), f"{implementation}: non-finite output"
-    del first, results
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=3)
-    nflops, nbytes = FAMILY.flops(case), FAMILY.bytes_moved(case)
-    benchmark.extra_info.update(case=case.id, implementation=implementation, flops=nflops,
-                                bytes=nbytes, bound=case.params["bound"])
-    stats = getattr(benchmark, "stats", None)
-    median = getattr(getattr(stats, "stats", None), "median", None)
-    if median:
-        benchmark.extra_info["tflops_at_median"] = nflops / median / 1e12
-        benchmark.extra_info["gbps_at_median"] = nbytes / median / 1e9
+    run_benchmark(benchmark, FAMILY, case_inputs, implementation, counts=("flops", "bytes"),
+                  params=("bound",))

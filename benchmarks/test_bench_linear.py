@@ -18,93 +18,28 @@ inputs and its fraction of one bf16 logits tensor.
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
-pytest.importorskip("pytest_benchmark")
+from .cases_linear import FAMILY as LINEAR
+from .cases_linear_cross_entropy import FAMILY as LINEAR_CE
+from .cases_linear_cross_entropy import memory_fraction
+from .suite import GPU_ONLY, implementation_names, inputs_fixture, run_benchmark
+from .timing import peak_memory
 
-from . import timing  # noqa: E402
-from .cases_linear import FAMILY as LINEAR  # noqa: E402
-from .cases_linear_cross_entropy import FAMILY as LINEAR_CE  # noqa: E402
-from .cases_linear_cross_entropy import memory_fraction  # noqa: E402
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
-FULL = os.environ.get("FUSEDOPS_BENCH_FULL") == "1"
+pytestmark = GPU_ONLY
+linear_inputs = inputs_fixture(LINEAR, "linear_inputs")
+linear_ce_inputs = inputs_fixture(LINEAR_CE, "linear_ce_inputs")
 
 
-def _cases(family):
-    return family.cases(quick=not FULL)
-
-
-def _implementations(family):
-    return [impl.name for impl in family.implementations if FULL or impl.quick]
-
-
-def _inputs_fixture(family, name):
-    @pytest.fixture(name=name, scope="module", params=_cases(family),
-                    ids=[c.id for c in _cases(family)])
-    def fixture(request):
-        """One case's inputs, made once for all implementations, freed after them."""
-        case = request.param
-        inputs = family.make_inputs(case, "cuda")
-        yield case, [inputs]
-        del inputs
-        torch.cuda.empty_cache()
-
-    return fixture
-
-
-linear_inputs = _inputs_fixture(LINEAR, "linear_inputs")
-linear_ce_inputs = _inputs_fixture(LINEAR_CE, "linear_ce_inputs")
-
-
-def _bench(benchmark, family, case, input_sets, implementation, measure_memory=False):
-    impl = family.implementation(implementation)
-    reason = impl.unavailable()
-    if reason is not None:
-        pytest.skip(f"{implementation}: {reason}")
-    try:
-        fn = impl.setup(case, input_sets)
-    except NotImplementedError as exc:  # e.g. _addmm_activation has no backward
-        pytest.skip(f"{implementation}: {exc}")
-    first = fn()  # compilation and autotuning, untimed
-    torch.cuda.synchronize()
-    results = first if isinstance(first, (tuple, list)) else (first,)
-    for result in results:
-        if isinstance(result, torch.Tensor) and result.is_floating_point():
-            assert bool(torch.isfinite(result).all()), f"{implementation}: non-finite output"
-    del first, results
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=3)
-    nflops = family.flops(case)
-    benchmark.extra_info.update(case=case.id, implementation=implementation, flops=nflops)
-    stats = getattr(benchmark, "stats", None)
-    median = getattr(getattr(stats, "stats", None), "median", None)
-    if median:
-        benchmark.extra_info["tflops_at_median"] = nflops / median / 1e12
-    if measure_memory:
-        peak = timing.peak_memory(fn)
-        benchmark.extra_info.update(peak_memory_bytes=peak,
-                                    peak_fraction_of_logits=memory_fraction(case, peak))
-
-
-@pytest.mark.parametrize("implementation", _implementations(LINEAR))
+@pytest.mark.parametrize("implementation", implementation_names(LINEAR))
 def test_linear(benchmark, linear_inputs, implementation):
-    case, input_sets = linear_inputs
-    _bench(benchmark, LINEAR, case, input_sets, implementation)
+    run_benchmark(benchmark, LINEAR, linear_inputs, implementation, counts=("flops",))
 
 
-@pytest.mark.parametrize("implementation", _implementations(LINEAR_CE))
+@pytest.mark.parametrize("implementation", implementation_names(LINEAR_CE))
 def test_linear_cross_entropy(benchmark, linear_ce_inputs, implementation):
-    case, input_sets = linear_ce_inputs
-    _bench(benchmark, LINEAR_CE, case, input_sets, implementation, measure_memory=True)
+    case, fn = run_benchmark(benchmark, LINEAR_CE, linear_ce_inputs, implementation,
+                             counts=("flops",))
+    peak = peak_memory(fn)  # beyond the inputs: the headline, against one logits tensor
+    benchmark.extra_info.update(peak_memory_bytes=peak,
+                                peak_fraction_of_logits=memory_fraction(case, peak))

@@ -14,6 +14,7 @@ import sys
 import types
 import warnings
 
+import bench_helpers as helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,8 @@ from bench_package import load
 
 registry = load("registry")
 att = load("cases_attention")
-render = load("render")
-report = load("report")
 runner_mod = load("runner")
-ceilings_mod = load("ceilings")
-compare = load("compare")
+store_mod = load("store")
 
 NAMES = ["fusedops-triton", "fusedops-triton-deterministic", "fusedops-cuda", "sdpa-flash",
          "sdpa-cudnn", "sdpa-efficient", "flex-attention", "eager-math", "flash-attn-4"]
@@ -48,23 +46,18 @@ def _reference64(inputs, causal):
     return torch.softmax(scores, dim=-1) @ v, (q, k, v)
 
 
-def _close(got, want, rtol):
-    assert got.shape == want.shape
-    assert (got.double() - want).norm() <= rtol * want.norm()
-
-
 def _check(case, inputs, out, rtol=1e-5, layout=lambda t: t):
     """``out`` (what a timed call returned) against float64 attention: the output (fwd) or
     the gradients with respect to q, k and v (bwd, fwd+bwd). ``layout`` maps a returned
     tensor back to (B, H, S, D)."""
     ref, leaves = _reference64(inputs, case.params["causal"])
     if case.params["mode"] == "fwd":
-        _close(layout(out), ref, rtol)
+        helpers.assert_close64(layout(out), ref, rtol)
         return
     want = torch.autograd.grad(ref, leaves, inputs["grad_out"].double())
     assert len(out) == 3
     for g, w in zip(out, want):
-        _close(layout(g), w, rtol)
+        helpers.assert_close64(layout(g), w, rtol)
 
 
 # --- counts -----------------------------------------------------------------------------
@@ -329,29 +322,9 @@ def test_eager_math_skips_huge_score_matrices():
 
 @pytest.mark.parametrize("tier", ["triton", "cuda"])
 def test_missing_or_unimplemented_attention_is_skipped(monkeypatch, tier):
-    import fusedops
-
-    monkeypatch.setattr(fusedops, "backends",
-                        lambda: {"torch": None, "triton": None, "cuda": None})
-    monkeypatch.setattr(att, "_probed", {})
-    impl = att.FAMILY.implementation(f"fusedops-{tier}")
-    monkeypatch.delattr(fusedops, "attention", raising=False)
-    assert impl.unavailable() == "fusedops.attention does not exist yet"
-
-    def not_implemented(*args, **kwargs):
-        raise NotImplementedError(f"backend {tier!r} was forced but has no attention")
-
-    monkeypatch.setattr(fusedops, "attention", not_implemented, raising=False)
-    reason = impl.unavailable()
-    assert reason.startswith("fusedops.attention raises NotImplementedError")
-    assert "has no attention" in reason
-
-    def broken(*args, **kwargs):  # any other failure is the measurement's to record
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(att, "_probed", {})
-    monkeypatch.setattr(fusedops, "attention", broken, raising=False)
-    assert impl.unavailable() is None
+    helpers.assert_missing_or_unimplemented_op_is_skipped(
+        monkeypatch, att, "attention", tier,
+        raises=f"backend {tier!r} was forced but has no attention", says="has no attention")
 
 
 def test_unsupported_case_of_a_tier_is_skipped(monkeypatch):
@@ -395,12 +368,9 @@ def test_fusedops_callable_matches_eager_on_the_torch_tier():
 
 
 def test_list_shows_attention(capsys):
-    assert report.main(["--list"]) == 0
-    text = capsys.readouterr().out
+    text, quick = helpers.listings(capsys, "attention")
     assert "\nattention: " in text
     assert "bwd_B1_H8_S16384_D256_causal_bfloat16" in text
-    assert report.main(["--list", "--quick", "--family", "attention"]) == 0
-    quick = capsys.readouterr().out
     assert quick.count("[quick]") == 4
     assert "fwd+bwd_B4_H16_S4096_D128_causal_bfloat16 " in quick
     assert "bwd_B4" not in quick.replace("fwd+bwd_B4", "")
@@ -409,18 +379,9 @@ def test_list_shows_attention(capsys):
 
 
 def test_markdown_shows_the_flash_and_cudnn_ratios():
-    family = att.FAMILY
     case = att.make_case("fwd", 4096, 128, False)
-    c = ceilings_mod.Ceilings(copy_gbps=3000.0, matmul_tflops=700.0, copy_ms=1.0, matmul_ms=1.6)
-    records = []
-    for impl, ms in (("sdpa-flash", 1.6), ("sdpa-cudnn", 1.0), ("fusedops-triton", 1.28)):
-        records.append({"run_id": "r1", "case_id": case.id, "case": case.label,
-                        "params": case.params, "implementation": impl, "status": "ok",
-                        "median_ms": ms, "peak_memory_bytes": 2**20, "output_finite": True,
-                        **runner_mod.derived(family, case, ms, c)})
-    compare.attach_speedups(records, family.ratio_baselines)
-    text = render.markdown(family, {"runs": [{"run_id": "r1", "ceilings": c.as_dict()}]},
-                           records)
+    medians_ms = {"sdpa-flash": 1.6, "sdpa-cudnn": 1.0, "fusedops-triton": 1.28}
+    records, text = helpers.markdown_of(att.FAMILY, case, medians_ms)
     assert "× sdpa-flash" in text and "× sdpa-cudnn" in text
     assert "1.25×" in text and "0.78×" in text  # 1.6 / 1.28 and 1.0 / 1.28
     row = next(r for r in records if r["implementation"] == "fusedops-triton")
@@ -430,13 +391,10 @@ def test_markdown_shows_the_flash_and_cudnn_ratios():
 def test_runner_skips_with_the_reasons(tmp_path):
     """Through the runner: a baseline that cannot run here is a skipped record with its
     reason, and so is eager-math on a case whose score matrix is too big."""
-    store_mod = load("store")
     records = {}
     impls = [i for i in att.FAMILY.implementations if i.baseline and i.name != "eager-math"]
-    runner = runner_mod.Runner(att.FAMILY, store_mod.ResultsStore(tmp_path / "a.json",
-                               "attention", "cpu", fresh=True),
-                               version="v1", commit="abc", ceilings=None, profile=None,
-                               quick=False, device="cpu", say=lambda line: None)
+    store = store_mod.ResultsStore(tmp_path / "a.json", "attention", "cpu", fresh=True)
+    runner = helpers.cpu_runner(att.FAMILY, store, quick=False)
     outcome = runner_mod.Outcome()
     huge = att.make_case("fwd", 16384, 64, False)
     for impl in impls + [att.FAMILY.implementation("eager-math")]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+import bench_helpers as helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,7 @@ from bench_package import load
 
 registry = load("registry")
 cv = load("cases_conv2d")
-render = load("render")
-report = load("report")
 runner_mod = load("runner")
-ceilings_mod = load("ceilings")
-compare = load("compare")
 store_mod = load("store")
 
 NAMES = ["fusedops-triton", "fusedops-cuda", "cudnn", "cudnn+eager", "torch.compile"]
@@ -47,13 +44,9 @@ def _small(mode, kind):
 def _reference64(case, inputs, epilogue=True):
     """float64 act(conv(x, W) + b + r) of the same inputs (the convolution alone when not
     ``epilogue``), and the leaves to differentiate."""
-    def leaf(name):
-        t = inputs[name]
-        return None if t is None else t.detach().double().requires_grad_(True)
-
-    p = case.params
-    x, w = leaf("input"), leaf("weight")
-    b, r = (leaf("bias"), leaf("residual")) if epilogue else (None, None)
+    p, leaf = case.params, helpers.float64_leaf
+    x, w = leaf(inputs["input"]), leaf(inputs["weight"])
+    b, r = (leaf(inputs["bias"]), leaf(inputs["residual"])) if epilogue else (None, None)
     z = F.conv2d(x, w, b, p["stride"], p["padding"], 1, p["groups"])
     if r is not None:
         z = z + r
@@ -68,10 +61,8 @@ def _check(case, inputs, out, epilogue=True, rtol=1e-5):
         got, want = [out], [ref]
     else:
         got, want = out, torch.autograd.grad(ref, leaves, inputs["grad_out"].double())
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and g.dtype == torch.float32
-        assert (g.double() - w).norm() <= rtol * w.norm()
+    assert all(g.dtype == torch.float32 for g in got)
+    helpers.assert_all_close64(got, want, rtol)
 
 
 # --- the two networks, derived from their architectures -------------------------------
@@ -383,41 +374,16 @@ def test_without_cuda_the_cudnn_baselines_skip():
 
 
 def test_unavailable_tier_gives_the_backends_reason():
-    import fusedops
-
-    for tier in ("triton", "cuda"):
-        # (an available tier would be probed: in Triton's interpreter that takes a while)
-        if fusedops.backends()[tier] is not None:
-            assert cv.FAMILY.implementation(f"fusedops-{tier}").unavailable() == \
-                fusedops.backends()[tier]
+    helpers.assert_unavailable_tiers_give_the_backends_reason(cv.FAMILY)
 
 
 @pytest.mark.parametrize("tier", ["triton", "cuda"])
 def test_missing_or_unimplemented_conv2d_is_skipped(monkeypatch, tier):
-    import fusedops
-
-    monkeypatch.setattr(fusedops, "backends",
-                        lambda: {"torch": None, "triton": None, "cuda": None})
-    monkeypatch.setattr(cv, "_probed", {})
-    impl = cv.FAMILY.implementation(f"fusedops-{tier}")
-    monkeypatch.delattr(fusedops, "conv2d", raising=False)
-    assert impl.unavailable() == "fusedops.conv2d does not exist yet"
-
-    def not_implemented(*args, **kwargs):
-        raise NotImplementedError(f"backend {tier!r} was forced but cannot run this call: "
-                                  f"the {tier} tier has no fused convolution yet")
-
-    monkeypatch.setattr(fusedops, "conv2d", not_implemented, raising=False)
-    reason = impl.unavailable()
-    assert reason.startswith("fusedops.conv2d raises NotImplementedError")
-    assert "no fused convolution" in reason
-
-    def broken(*args, **kwargs):  # any other failure is the measurement's to record
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(cv, "_probed", {})
-    monkeypatch.setattr(fusedops, "conv2d", broken, raising=False)
-    assert impl.unavailable() is None
+    helpers.assert_missing_or_unimplemented_op_is_skipped(
+        monkeypatch, cv, "conv2d", tier,
+        raises=f"backend {tier!r} was forced but cannot run this call: the {tier} tier has no "
+               f"fused convolution yet",
+        says="no fused convolution")
 
 
 def test_unsupported_case_of_a_tier_is_skipped(monkeypatch):
@@ -455,10 +421,8 @@ def test_unsupported_case_of_a_tier_is_skipped(monkeypatch):
 def test_runner_records_the_skips(tmp_path):
     """Through the runner: a baseline that cannot run here is a skipped record, with the
     reason."""
-    runner = runner_mod.Runner(cv.FAMILY, store_mod.ResultsStore(tmp_path / "c.json", "conv2d",
-                               "cpu", fresh=True),
-                               version="v1", commit="abc", ceilings=None, profile=None,
-                               quick=True, device="cpu", say=lambda line: None)
+    store = store_mod.ResultsStore(tmp_path / "c.json", "conv2d", "cpu", fresh=True)
+    runner = helpers.cpu_runner(cv.FAMILY, store, quick=True)
     import fusedops
 
     case = cv.cases(True)[0]
@@ -477,30 +441,18 @@ def test_runner_records_the_skips(tmp_path):
 
 
 def test_list_shows_conv2d(capsys):
-    assert report.main(["--list"]) == 0
-    text = capsys.readouterr().out
+    text, quick = helpers.listings(capsys, "conv2d")
     assert "\nconv2d: " in text
     assert "fwd+bwd_mnv2_N256_C960_K960_H7_R3_s1_dw_float16_relu" in text
-    assert report.main(["--list", "--quick", "--family", "conv2d"]) == 0
-    quick = capsys.readouterr().out
     assert quick.count("[quick]") == 4
     assert "torch.compile (not in --quick)" in quick
     assert "_N256_" not in quick and "_float16_" not in quick
 
 
 def test_markdown_shows_both_cudnn_ratios():
-    family = cv.FAMILY
     case = cv.cases(True)[1]  # layer2.1.conv2, forward
-    c = ceilings_mod.Ceilings(copy_gbps=3000.0, matmul_tflops=700.0, copy_ms=1.0, matmul_ms=1.6)
-    records = []
-    for impl, ms in (("cudnn", 0.030), ("cudnn+eager", 0.045), ("fusedops-triton", 0.040)):
-        records.append({"run_id": "r1", "case_id": case.id, "case": case.label,
-                        "params": case.params, "implementation": impl, "status": "ok",
-                        "median_ms": ms, "peak_memory_bytes": 2**20, "output_finite": True,
-                        **runner_mod.derived(family, case, ms, c)})
-    compare.attach_speedups(records, family.ratio_baselines)
-    text = render.markdown(family, {"runs": [{"run_id": "r1", "ceilings": c.as_dict()}]},
-                           records)
+    medians_ms = {"cudnn": 0.030, "cudnn+eager": 0.045, "fusedops-triton": 0.040}
+    records, text = helpers.markdown_of(cv.FAMILY, case, medians_ms)
     assert "× cudnn+eager" in text and "× cudnn |" in text
     assert "1.12×" in text and "0.75×" in text  # 0.045 / 0.040 and 0.030 / 0.040
     row = next(r for r in records if r["implementation"] == "fusedops-triton")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 
+import bench_helpers as helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,18 +18,7 @@ from bench_package import load
 registry = load("registry")
 lin = load("cases_linear")
 lce = load("cases_linear_cross_entropy")
-render = load("render")
 report = load("report")
-runner_mod = load("runner")
-ceilings_mod = load("ceilings")
-compare = load("compare")
-
-
-def _grads_close(got, want, rtol):
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        assert (g.double() - w).norm() <= rtol * w.norm()
 
 
 # --- linear: counts ---------------------------------------------------------------------
@@ -125,9 +115,7 @@ def _small_linear(mode, residual=False):
 
 
 def _reference64(inputs, activation="gelu_tanh", bias=True, residual=True):
-    def leaf(t):
-        return None if t is None else t.detach().double().requires_grad_(True)
-
+    leaf = helpers.float64_leaf
     x, w = leaf(inputs["input"]), leaf(inputs["weight"])
     b = leaf(inputs["bias"]) if bias else None
     r = leaf(inputs["residual"]) if residual else None
@@ -156,11 +144,11 @@ def test_linear_eager_callable(mode, residual):
     out = lin.FAMILY.implementation("eager").setup(case, [inputs])()
     ref, leaves = _reference64(inputs, residual=residual)
     if mode == "fwd":
-        assert (out.double() - ref).norm() <= 1e-5 * ref.norm()
+        helpers.assert_close64(out, ref, 1e-5)
         return
     want = torch.autograd.grad(ref, leaves, inputs["grad_out"].double())
-    _grads_close(out, want, 1e-5)  # x, W, b (and r); autograd.grad: nothing accumulates
-    assert inputs["input"].grad is None
+    helpers.assert_all_close64(out, want, 1e-5)  # x, W, b (and r)
+    assert inputs["input"].grad is None  # autograd.grad: nothing accumulates
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -170,9 +158,10 @@ def test_linear_addmm_callable(mode):
     out = lin.FAMILY.implementation("addmm").setup(case, [inputs])()
     ref, leaves = _reference64(inputs, activation=None, residual=False)
     if mode == "fwd":
-        assert (out.double() - ref).norm() <= 1e-5 * ref.norm()
+        helpers.assert_close64(out, ref, 1e-5)
     else:
-        _grads_close(out, torch.autograd.grad(ref, leaves, inputs["grad_out"].double()), 1e-5)
+        want = torch.autograd.grad(ref, leaves, inputs["grad_out"].double())
+        helpers.assert_all_close64(out, want, 1e-5)
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -199,39 +188,15 @@ def test_linear_addmm_activation_is_forward_only():
 
 @pytest.mark.parametrize("module", [lin, lce], ids=["linear", "linear_cross_entropy"])
 def test_unavailable_tier_gives_the_backends_reason(module):
-    import fusedops
-
-    for tier in ("triton", "cuda"):
-        reason = module.FAMILY.implementation(f"fusedops-{tier}").unavailable()
-        if fusedops.backends()[tier] is not None:
-            assert reason == fusedops.backends()[tier]
+    helpers.assert_unavailable_tiers_give_the_backends_reason(module.FAMILY)
 
 
 @pytest.mark.parametrize("module, op", [(lin, "linear"), (lce, "linear_cross_entropy")],
                          ids=["linear", "linear_cross_entropy"])
 def test_missing_or_unimplemented_op_is_skipped(monkeypatch, module, op):
-    import fusedops
-
-    monkeypatch.setattr(fusedops, "backends",
-                        lambda: {"torch": None, "triton": None, "cuda": None})
-    monkeypatch.setattr(module, "_probed", {})
-    impl = module.FAMILY.implementation("fusedops-triton")
-    monkeypatch.delattr(fusedops, op, raising=False)
-    assert impl.unavailable() == f"fusedops.{op} does not exist yet"
-
-    def not_implemented(*args, **kwargs):
-        raise NotImplementedError("backend 'triton' was forced but cannot run this call")
-
-    monkeypatch.setattr(fusedops, op, not_implemented, raising=False)
-    reason = impl.unavailable()
-    assert reason.startswith(f"fusedops.{op} raises NotImplementedError") and "forced" in reason
-
-    def broken(*args, **kwargs):  # any other failure is the measurement's to record
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(module, "_probed", {})
-    monkeypatch.setattr(fusedops, op, broken, raising=False)
-    assert impl.unavailable() is None
+    helpers.assert_missing_or_unimplemented_op_is_skipped(
+        monkeypatch, module, op, "triton",
+        raises="backend 'triton' was forced but cannot run this call", says="forced")
 
 
 def test_missing_libraries_give_reasons():
@@ -296,7 +261,7 @@ def test_lce_eager_callable(mode):
     if mode == "fwd":
         assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item())
     else:
-        _grads_close(out, torch.autograd.grad(ref, (x64, w64)), 1e-5)
+        helpers.assert_all_close64(out, torch.autograd.grad(ref, (x64, w64)), 1e-5)
         assert x.grad is None and w.grad is None
 
 
@@ -331,18 +296,9 @@ def test_list_shows_the_new_families(capsys):
 
 
 def test_linear_markdown_shows_the_cublas_ratio(tmp_path):
-    family = lin.FAMILY
     case = lin.make_case("fwd", 16384, 4096, 4096)
-    c = ceilings_mod.Ceilings(copy_gbps=3000.0, matmul_tflops=700.0, copy_ms=1.0, matmul_ms=1.6)
-    records = []
-    for impl, ms in (("addmm", 0.9), ("eager", 1.5), ("fusedops-triton", 1.0)):
-        records.append({"run_id": "r1", "case_id": case.id, "case": case.label,
-                        "params": case.params, "implementation": impl, "status": "ok",
-                        "median_ms": ms, "peak_memory_bytes": 2**27, "output_finite": True,
-                        **runner_mod.derived(family, case, ms, c)})
-    compare.attach_speedups(records, family.ratio_baselines)
-    text = render.markdown(family, {"runs": [{"run_id": "r1", "ceilings": c.as_dict()}]},
-                           records)
+    medians_ms = {"addmm": 0.9, "eager": 1.5, "fusedops-triton": 1.0}
+    records, text = helpers.markdown_of(lin.FAMILY, case, medians_ms, peak_memory_bytes=2**27)
     assert "× addmm" in text and "0.90×" in text  # 90% of cuBLAS on the same shape
     assert "2·M·N·K" in text
     row = next(r for r in records if r["implementation"] == "fusedops-triton")
@@ -364,4 +320,4 @@ def test_fusedops_callables_match_eager_on_the_torch_tier(module, op):
     inputs = module.make_inputs(case, "cpu")
     got = module._fusedops_tier("torch").setup(case, [inputs])()
     want = module.FAMILY.implementation("eager").setup(case, [inputs])()
-    _grads_close(got, [w.double() for w in want], 1e-4)
+    helpers.assert_all_close64(got, [w.double() for w in want], 1e-4)
