@@ -35,6 +35,13 @@
 #   -d .whl liger-kernel==0.8.5   (pure Python; torch and triton are already there)
 #   cut-cross-entropy==25.1.1 goes into .whl/ the same way (pure Python, py3-none-any):
 #   it adds the cce and cce-filtered baselines of the linear_cross_entropy family
+#   The drop-in tests (tests/test_patch*.py) and the ResNet-50 training benchmark need
+#   transformers and torchvision; for the GPU machine's Python 3.12 and torch 2.11 (29 MB):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#     --platform manylinux_2_17_x86_64 -d .whl transformers==5.23.0 "torchvision==0.26.*" \
+#     tokenizers==0.23.3 safetensors==0.8.0 huggingface_hub==2.4.0 hf-xet
+#   (a dependency still missing there makes those tests skip, saying so, not fail)
 # To resume an interrupted bench stage, unpack results.tar.gz here first: the next call
 # carries benchmarks/results/ over and fusedops-bench skips what it already measured.
 #
