@@ -286,3 +286,30 @@ def test_heads_differ_without_enable_gqa_is_torchs_error():
     if fusedops.backends()["triton"] is None:
         with fusedops.use_backend("triton"), pytest.raises(NotImplementedError, match="heads"):
             fusedops.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("through", ["drop-in", "fused_sdpa"])
+def test_compiles_without_graph_breaks(backend, compiler, through):
+    """The drop-in, called directly or routed by fused_sdpa(), under
+    torch.compile(fullgraph=True): the same output and gradients as eager."""
+    torch._dynamo.reset()
+    q, k, v = (randn(1, 4, 19, 32).requires_grad_(),
+               randn(1, 2, 23, 32).requires_grad_(), randn(1, 2, 23, 32).requires_grad_())
+
+    def step(q, k, v):
+        with fusedops.use_backend(backend):
+            if through == "drop-in":
+                out = fusedops.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                            enable_gqa=True)
+            else:
+                with fusedops.fused_sdpa():
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         enable_gqa=True)
+        return out.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    expected = torch.autograd.grad(step(q, k, v), (q, k, v))
+    for got, want in zip(grads, expected):
+        assert_close(got, want.double(), torch.float32, "compiled grad")
