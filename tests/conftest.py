@@ -43,3 +43,22 @@ def tier(request):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def conv_tier(tier):
+    """Tiers that implement the fused convolution (the others skip, saying so)."""
+    if not hasattr(fusedops.dispatch.TIERS[tier], "conv2d_fwd"):
+        pytest.skip(f"the {tier} tier has no fused convolution yet")
+    return tier
+
+
+@pytest.fixture
+def cudnn_full_precision_float32():
+    """float32 compared at 1e-5 must not be rounded to tf32: torch's cuDNN default
+    (allow_tf32=True, which fusedops.conv2d follows on a GPU) is switched off for the test
+    and restored after it."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous

@@ -20,23 +20,9 @@ from fusedops.nn import FusedConv2d
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
 
-@pytest.fixture
-def conv_tier(tier):
-    """Tiers that implement the fused convolution (the others skip, saying so)."""
-    if not hasattr(fusedops.dispatch.TIERS[tier], "conv2d_fwd"):
-        pytest.skip(f"the {tier} tier has no fused convolution yet")
-    return tier
-
-
 @pytest.fixture(autouse=True)
-def full_precision_float32():
-    """float32 is compared at 1e-5, so float32 products must not be rounded to tf32: torch's
-    cuDNN default (allow_tf32=True, which fusedops.conv2d follows on a GPU) is switched off
-    for each test and restored after it."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
+def _full_precision(cudnn_full_precision_float32):
+    """Every test here compares float32 at 1e-5 (see conftest)."""
 
 
 def activate(z, activation):
