@@ -30,6 +30,7 @@
 #include <torch/version.h>
 
 #include "cross_entropy/cross_entropy.h"
+#include "matmul/gemm.h"
 
 #define FUSEDOPS_STRINGIFY_(...) #__VA_ARGS__
 #define FUSEDOPS_STRINGIFY(...) FUSEDOPS_STRINGIFY_(__VA_ARGS__)
@@ -238,6 +239,303 @@ void ce_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
   C10_CUDA_CHECK(ce_bwd(params, current_stream(logits)));
 }
 
+// --- the fused linear (python/fusedops/dispatch/linear_contract.py) ----------------------
+
+int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
+
+GemmType gemm_type(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op,
+              ": the CUDA GEMM takes float16 and bfloat16, got ", t.scalar_type());
+  return t.scalar_type() == at::kHalf ? GemmType::kFloat16 : GemmType::kBFloat16;
+}
+
+Activation parse_activation(const char* op, c10::string_view name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK(false, op, ": unknown activation '", std::string(name),
+              "' (none, relu, gelu, gelu_tanh, silu)");
+}
+
+bool saves_preactivation(Activation activation) {
+  return activation == Activation::kGelu || activation == Activation::kGeluTanh ||
+         activation == Activation::kSilu;
+}
+
+// The GEMM operand held by the 2-D `matrix`, whose dimension `row_dim` runs along M (or N)
+// and whose other dimension runs along K. The kernels read either layout in place (K-major
+// when K is the unit-stride dimension, MN-major when M/N is) provided the other stride is a
+// multiple of 8 elements and the data 16-byte aligned; anything else is first copied into a
+// row-padded buffer (`storage` keeps it alive) — the documented slower path.
+GemmOperand gemm_operand(const at::Tensor& matrix, int row_dim, at::Tensor& storage) {
+  auto stride = [&](const at::Tensor& t, int dim) {
+    // A dimension of extent 1 is never stepped along: give it an aligned stride.
+    return t.size(dim) == 1 ? round_up8(t.size(1 - dim)) : t.stride(dim);
+  };
+  auto usable = [&](const at::Tensor& t, GemmOperand& operand) {
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+    const int k_dim = 1 - row_dim;
+    for (const bool mn_major : {false, true}) {
+      const int unit_dim = mn_major ? row_dim : k_dim;
+      const int64_t ld = stride(t, 1 - unit_dim);
+      if (stride(t, unit_dim) == 1 && ld % 8 == 0 && ld >= t.size(unit_dim)) {
+        operand = GemmOperand{t.data_ptr(), ld, mn_major};
+        return true;
+      }
+    }
+    return false;
+  };
+  GemmOperand operand{};
+  if (usable(matrix, operand)) return operand;
+  storage = at::empty({matrix.size(0), round_up8(matrix.size(1))}, matrix.options())
+                .narrow(1, 0, matrix.size(1));
+  storage.copy_(matrix);
+  TORCH_CHECK(usable(storage, operand), "fusedops: internal error: unaligned GEMM copy");
+  return operand;
+}
+
+// The float32 (N,) bias the epilogue reads, or an undefined tensor.
+at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+void run_gemm(const char* op, const GemmParams& params, const at::Tensor& like) {
+  const char* path_env = std::getenv("FUSEDOPS_GEMM_PATH");  // "sm80" forces mma.sync
+  GemmPath path = GemmPath::kAuto;
+  if (path_env != nullptr && std::strcmp(path_env, "sm80") == 0) path = GemmPath::kSm80;
+  if (path_env != nullptr && std::strcmp(path_env, "sm90") == 0) path = GemmPath::kSm90;
+  const cudaError_t status = gemm(params, path, current_stream(like));
+  TORCH_CHECK(status != cudaErrorNotSupported, op,
+              ": FUSEDOPS_GEMM_PATH=sm90 but this device or build has no sm_90a GEMM");
+  C10_CUDA_CHECK(status);
+}
+
+void check_linear_operands(const char* op, const at::Tensor& input, const at::Tensor& weight) {
+  TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor, got ", input.device());
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2, op,
+              ": input and weight must be 2-D, got shapes ", input.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(weight.device() == input.device(), op, ": weight is on ", weight.device(),
+              ", input on ", input.device());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ",
+              weight.scalar_type(), " differs from the input's ", input.scalar_type());
+  TORCH_CHECK(input.size(1) == weight.size(1), op, ": input (M, K) ", input.sizes(),
+              " and weight (N, K) ", weight.sizes(), " disagree on K");
+  TORCH_CHECK(input.size(0) < (int64_t{1} << 31) && weight.size(0) < (int64_t{1} << 31), op,
+              ": M and N must be below 2**31");
+  gemm_type(op, input);
+}
+
+at::Tensor activate(const at::Tensor& z, Activation activation) {
+  switch (activation) {
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kGelu: return at::gelu(z);
+    case Activation::kGeluTanh: return at::gelu(z, "tanh");
+    case Activation::kSilu: return at::silu(z);
+    default: return z;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& input,
+                                                   const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& residual,
+                                                   c10::string_view activation_name,
+                                                   bool allow_tf32) {
+  constexpr const char* op = "fusedops::linear_fwd_cuda";
+  check_linear_operands(op, input, weight);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Activation activation = parse_activation(op, activation_name);
+  const int64_t m = input.size(0), n = weight.size(0), k = input.size(1);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->device() == input.device(), op,
+                ": bias must be (", n, ",) on ", input.device(), ", got ", bias->sizes());
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n &&
+                    residual->device() == input.device(),
+                op, ": residual must be (", m, ", ", n, ") on ", input.device(), ", got ",
+                residual->sizes());
+  }
+  const bool keep_preact = saves_preactivation(activation);
+  at::Tensor out = new_output({m, n}, input.options());
+  at::Tensor preact = new_output(keep_preact ? at::IntArrayRef{m, n} : at::IntArrayRef{0},
+                                 input.options());
+  if (m == 0 || n == 0) return {out, preact};
+  if (k == 0) {  // no product: the epilogue alone, in float32 like the kernels
+    at::Tensor z = at::zeros({m, n}, input.options().dtype(at::kFloat));
+    if (bias.has_value()) z.add_(bias->to(at::kFloat));
+    if (residual.has_value()) z.add_(residual->to(at::kFloat));
+    out.copy_(activate(z, activation));
+    if (keep_preact) preact.copy_(z);
+    return {out, preact};
+  }
+  at::Tensor a_storage, b_storage;
+  const at::Tensor bias_f32 = float_bias(bias);
+  at::Tensor residual_t;
+  if (residual.has_value()) {
+    residual_t = *residual;
+    if (residual_t.scalar_type() != input.scalar_type() || residual_t.stride(1) != 1) {
+      residual_t = residual_t.to(input.scalar_type()).contiguous();
+    }
+  }
+  GemmParams params{};
+  params.m = m;
+  params.n = n;
+  params.k = k;
+  params.type = gemm_type(op, input);
+  params.a = gemm_operand(input, 0, a_storage);
+  params.b = gemm_operand(weight, 0, b_storage);
+  params.bias = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  params.residual = residual_t.defined() ? residual_t.data_ptr() : nullptr;
+  params.ld_residual = residual_t.defined() ? residual_t.stride(0) : 0;
+  params.activation = activation;
+  params.out = out.data_ptr();
+  params.ld_out = n;
+  params.preact = keep_preact ? preact.data_ptr() : nullptr;
+  params.ld_preact = n;
+  run_gemm(op, params, input);
+  return {out, preact};
+}
+
+// dz = grad_out * act'(saved) (or grad_out itself) and, when asked, the float32 bias gradient.
+at::Tensor form_dz(const char* op, const at::Tensor& grad_out, const at::Tensor& saved,
+                   Activation activation, at::Tensor* grad_bias_f32) {
+  const int64_t m = grad_out.size(0), n = grad_out.size(1);
+  at::Tensor g = grad_out.stride(1) == 1 || n <= 1 ? grad_out : grad_out.contiguous();
+  at::Tensor s;
+  at::Tensor dz = g;
+  if (activation != Activation::kNone) {
+    s = saved.stride(1) == 1 || n <= 1 ? saved : saved.contiguous();
+    dz = at::empty({m, n}, grad_out.options());
+  }
+  if (grad_bias_f32 != nullptr) *grad_bias_f32 = at::empty({n}, grad_out.options().dtype(at::kFloat));
+  if (activation == Activation::kNone && grad_bias_f32 == nullptr) return dz;
+  const int64_t partial_count = linear_bwd_prologue_partials_size(m, n);
+  at::Tensor partials = at::empty({grad_bias_f32 != nullptr ? partial_count : 0},
+                                  grad_out.options().dtype(at::kFloat));
+  LinearBwdPrologueParams params{};
+  params.m = m;
+  params.n = n;
+  params.type = gemm_type(op, grad_out);
+  params.activation = activation;
+  params.grad_out = g.data_ptr();
+  params.ld_grad_out = g.stride(0);
+  params.saved = s.defined() ? s.data_ptr() : nullptr;
+  params.ld_saved = s.defined() ? s.stride(0) : 0;
+  params.dz = activation != Activation::kNone ? dz.data_ptr() : nullptr;
+  params.ld_dz = n;
+  params.grad_bias = grad_bias_f32 != nullptr ? grad_bias_f32->data_ptr<float>() : nullptr;
+  params.partials = grad_bias_f32 != nullptr ? partials.data_ptr<float>() : nullptr;
+  C10_CUDA_CHECK(linear_bwd_prologue(params, current_stream(grad_out)));
+  return dz;
+}
+
+// out (rows, cols) = A @ B^T with A, B given as matrices and the dimension of each that runs
+// along the output (see gemm_operand); `out` has column stride 1.
+void plain_gemm(const char* op, const at::Tensor& a, int a_row_dim, const at::Tensor& b,
+                int b_row_dim, at::Tensor& out, bool accumulate) {
+  at::Tensor a_storage, b_storage;
+  GemmParams params{};
+  params.m = a.size(a_row_dim);
+  params.n = b.size(b_row_dim);
+  params.k = a.size(1 - a_row_dim);
+  params.type = gemm_type(op, a);
+  params.a = gemm_operand(a, a_row_dim, a_storage);
+  params.b = gemm_operand(b, b_row_dim, b_storage);
+  params.activation = Activation::kNone;
+  params.out = out.data_ptr();
+  params.ld_out = out.stride(0);
+  params.accumulate = accumulate;
+  run_gemm(op, params, a);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, c10::string_view activation_name, bool allow_tf32,
+    bool needs_input_grad, bool needs_weight_grad, bool needs_bias_grad,
+    bool needs_preact_grad) {
+  constexpr const char* op = "fusedops::linear_bwd_cuda";
+  check_linear_operands(op, input, weight);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Activation activation = parse_activation(op, activation_name);
+  const int64_t m = input.size(0), n = weight.size(0), k = input.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n &&
+                  grad_out.scalar_type() == input.scalar_type() &&
+                  grad_out.device() == input.device(),
+              op, ": grad_out must be (", m, ", ", n, ") ", input.scalar_type(), " on ",
+              input.device(), ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  if (activation != Activation::kNone) {
+    TORCH_CHECK(saved.sizes() == grad_out.sizes() && saved.scalar_type() == input.scalar_type() &&
+                    saved.device() == input.device(),
+                op, ": saved must be like grad_out for activation '", std::string(activation_name),
+                "', got ", saved.sizes(), " ", saved.scalar_type());
+  }
+  auto empty = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = needs_input_grad ? new_output({m, k}, input.options()) : empty();
+  at::Tensor grad_weight = needs_weight_grad ? new_output({n, k}, weight.options()) : empty();
+  at::Tensor grad_bias = needs_bias_grad ? new_output({n}, weight.options()) : empty();
+  at::Tensor grad_preact = needs_preact_grad ? new_output({m, n}, grad_out.options()) : empty();
+  if (m == 0 || n == 0) {  // nothing flows: every gradient asked for is zero
+    for (at::Tensor* t : {&grad_input, &grad_weight, &grad_bias, &grad_preact}) t->zero_();
+    return {grad_input, grad_weight, grad_bias, grad_preact};
+  }
+  at::Tensor grad_bias_f32;
+  const at::Tensor dz = form_dz(op, grad_out, saved, activation,
+                                needs_bias_grad ? &grad_bias_f32 : nullptr);
+  if (needs_bias_grad) grad_bias.copy_(grad_bias_f32);
+  if (needs_preact_grad) grad_preact.copy_(dz);
+  if (k > 0 && needs_input_grad) {  // (m, k) = dz (m, n) @ W (n, k)
+    plain_gemm(op, dz, 0, weight, 1, grad_input, false);
+  }
+  if (k > 0 && needs_weight_grad) {  // (n, k) = dz^T (n, m) @ x (m, k)
+    plain_gemm(op, dz, 1, input, 1, grad_weight, false);
+  }
+  return {grad_input, grad_weight, grad_bias, grad_preact};
+}
+
+void linear_weight_grad_accumulate_cuda(const at::Tensor& grad_out, const at::Tensor& input,
+                                        const at::Tensor& grad_weight,
+                                        const std::optional<at::Tensor>& grad_bias,
+                                        bool allow_tf32) {
+  constexpr const char* op = "fusedops::linear_weight_grad_accumulate_cuda";
+  TORCH_CHECK(input.is_cuda() && input.dim() == 2 && grad_out.dim() == 2 &&
+                  grad_out.size(0) == input.size(0) && grad_out.device() == input.device() &&
+                  grad_out.scalar_type() == input.scalar_type(),
+              op, ": grad_out (M, N) and input (M, K) must share M, dtype and device, got ",
+              grad_out.sizes(), " and ", input.sizes());
+  const int64_t m = input.size(0), n = grad_out.size(1), k = input.size(1);
+  TORCH_CHECK(grad_weight.scalar_type() == at::kFloat && grad_weight.dim() == 2 &&
+                  grad_weight.size(0) == n && grad_weight.size(1) == k &&
+                  grad_weight.device() == input.device(),
+              op, ": grad_weight must be float32 (", n, ", ", k, "), got ", grad_weight.sizes(),
+              " ", grad_weight.scalar_type());
+  if (grad_bias.has_value()) {
+    TORCH_CHECK(grad_bias->scalar_type() == at::kFloat && grad_bias->dim() == 1 &&
+                    grad_bias->size(0) == n && grad_bias->device() == input.device(),
+                op, ": grad_bias must be float32 (", n, ",), got ", grad_bias->sizes());
+  }
+  gemm_type(op, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (m == 0 || n == 0) return;
+  if (grad_bias.has_value()) {
+    at::Tensor sums;
+    form_dz(op, grad_out, grad_out, Activation::kNone, &sums);
+    grad_bias->add_(sums);
+  }
+  if (k == 0) return;
+  if (grad_weight.stride(1) == 1) {
+    at::Tensor target = grad_weight;
+    plain_gemm(op, grad_out, 1, input, 1, target, true);
+  } else {  // the kernels add into rows with unit column stride: go through a temporary
+    at::Tensor sum = at::zeros({n, k}, grad_weight.options());
+    plain_gemm(op, grad_out, 1, input, 1, sum, true);
+    grad_weight.add_(sum);
+  }
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
   pybind11::list arches;
@@ -256,7 +554,9 @@ pybind11::dict build_info() {
                           std::to_string(TORCH_VERSION_MINOR) + "." +
                           std::to_string(TORCH_VERSION_PATCH);
   info["build"] = FUSEDOPS_STRINGIFY(FUSEDOPS_BUILD_KIND);
-  info["ops"] = pybind11::make_tuple("ce_fwd_cuda", "ce_bwd_cuda", "ce_bwd_inplace_cuda");
+  info["ops"] = pybind11::make_tuple("ce_fwd_cuda", "ce_bwd_cuda", "ce_bwd_inplace_cuda",
+                                     "linear_fwd_cuda", "linear_bwd_cuda",
+                                     "linear_weight_grad_accumulate_cuda");
   return info;
 }
 
@@ -275,12 +575,25 @@ TORCH_LIBRARY(fusedops, m) {
       "ce_bwd_inplace_cuda(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor grad_loss, int ignore_index, float label_smoothing, float z_loss, "
       "float softcap) -> ()");
+  m.def(
+      "linear_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+      "str activation, bool allow_tf32) -> (Tensor, Tensor)");
+  m.def(
+      "linear_bwd_cuda(Tensor grad_out, Tensor input, Tensor weight, Tensor saved, "
+      "str activation, bool allow_tf32, bool needs_input_grad, bool needs_weight_grad, "
+      "bool needs_bias_grad, bool needs_preact_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_weight_grad_accumulate_cuda(Tensor grad_out, Tensor input, "
+      "Tensor(a!) grad_weight, Tensor(b!)? grad_bias, bool allow_tf32) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedops, CUDA, m) {
   m.impl("ce_fwd_cuda", &fusedops::ce_fwd_cuda);
   m.impl("ce_bwd_cuda", &fusedops::ce_bwd_cuda);
   m.impl("ce_bwd_inplace_cuda", &fusedops::ce_bwd_inplace_cuda);
+  m.impl("linear_fwd_cuda", &fusedops::linear_fwd_cuda);
+  m.impl("linear_bwd_cuda", &fusedops::linear_bwd_cuda);
+  m.impl("linear_weight_grad_accumulate_cuda", &fusedops::linear_weight_grad_accumulate_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

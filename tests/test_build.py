@@ -8,7 +8,7 @@ import torch
 
 import fusedops
 from fusedops import _extension
-from fusedops.dispatch import contract
+from fusedops.dispatch import contract, linear_contract
 
 _C_BUILT = importlib.util.find_spec("fusedops._C") is not None
 
@@ -64,7 +64,7 @@ def test_cuda_ops_match_the_contract_schemas():
     from fusedops.dispatch import cuda
 
     cuda.load()
-    for op, schema in contract.SCHEMAS.items():
+    for op, schema in {**contract.SCHEMAS, **linear_contract.SCHEMAS}.items():
         handle = getattr(torch.ops.fusedops, f"{op}_cuda").default
         declared = str(handle._schema)
         expected = f"fusedops::{op}_cuda{schema}"
@@ -82,6 +82,13 @@ def test_cuda_fakes_trace_on_meta_tensors():
     assert loss.shape == lse.shape == (7,) and loss.dtype == torch.float32
     grad = torch.ops.fusedops.ce_bwd_cuda(logits, target, None, lse, loss, -100, 0.0, 0.0, 0.0)
     assert grad.shape == logits.shape and grad.dtype == logits.dtype
+    x = torch.empty(9, 40, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(24, 40, dtype=torch.bfloat16, device="meta")
+    out, saved = torch.ops.fusedops.linear_fwd_cuda(x, w, None, None, "gelu", False)
+    assert out.shape == saved.shape == (9, 24) and out.dtype == torch.bfloat16
+    grads = torch.ops.fusedops.linear_bwd_cuda(out, x, w, saved, "gelu", False, True, True, True,
+                                               False)
+    assert [tuple(g.shape) for g in grads] == [(9, 40), (24, 40), (24,), (0,)]
 
 
 @pytest.mark.skipif(not _C_BUILT, reason="fusedops._C was not built ahead of time here")

@@ -42,6 +42,9 @@ LDG_128 = r"^LDG(\.[A-Z0-9_]+)*\.128\b"
 STG_128 = r"^STG(\.[A-Z0-9_]+)*\.128\b"
 HMMA = r"^HMMA\b"
 HGMMA = r"^HGMMA\b"
+UTMALDG = r"^UTMALDG\b"
+LDSM = r"^LDSM\b"
+LDGSTS = r"^LDGSTS\b"
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,24 @@ class Expectation:
     no_local_memory: bool = True    # no spills / stack (LOCAL and STACK of the resource usage)
 
 
-CROSS_ENTROPY_ARCHES = ("sm_80", "sm_90a")
+BOTH_ARCHES = ("sm_80", "sm_90a")
 EXPECTATIONS: tuple[Expectation, ...] = (
     # 3 logits dtypes (float, __half, __nv_bfloat16) x 2 target dtypes (int, long).
-    Expectation("cross-entropy forward", r"\bfusedops::ce_fwd_kernel<", CROSS_ENTROPY_ARCHES, 6,
+    Expectation("cross-entropy forward", r"\bfusedops::ce_fwd_kernel<", BOTH_ARCHES, 6,
                 (("128-bit global loads", LDG_128),)),
-    Expectation("cross-entropy backward", r"\bfusedops::ce_bwd_kernel<", CROSS_ENTROPY_ARCHES,
+    Expectation("cross-entropy backward", r"\bfusedops::ce_bwd_kernel<", BOTH_ARCHES,
                 6, (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),
+    # 2 dtypes (__half, __nv_bfloat16) x 4 operand majors (A, B each K- or MN-major); the
+    # sm_80 build has the kernel too, with an empty (trapping) body, so only sm_90a is checked.
+    # The same 8 on both architectures (sm_90a runs it when FUSEDOPS_GEMM_PATH=sm80 forces it).
+    Expectation("GEMM sm_80 (mma.sync + cp.async)", r"\bgemm_sm80_kernel<", BOTH_ARCHES,
+                8, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM), ("cp.async", LDGSTS))),
+    # 2 dtypes (the activation is a runtime switch over specialised bodies).
+    Expectation("linear backward prologue (dz, bias partials)",
+                r"\bfusedops::linear_bwd_prologue_kernel<", BOTH_ARCHES, 2,
+                (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),
+    Expectation("GEMM sm_90a (wgmma + TMA)", r"\bgemm_sm90_kernel<", ("sm_90a",), 8,
+                (("warpgroup MMA", HGMMA), ("TMA tile loads", UTMALDG))),
 )
 
 
@@ -179,9 +193,10 @@ def demangle(kernels: dict[tuple[str, str], Kernel]) -> None:
 
 
 def short_name(name: str) -> str:
+    name = name.replace("(anonymous namespace)::", "")
     name = re.sub(r"\(.*\)$", "", name)          # parameters
     name = re.sub(r"^void ", "", name)
-    return name.replace("(anonymous namespace)::", "")
+    return name.replace("CUtensorMap_st", "CUtensorMap")
 
 
 def check(kernels: dict[tuple[str, str], Kernel], expectations, only_arches=None

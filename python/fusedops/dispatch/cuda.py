@@ -16,7 +16,7 @@ import torch
 
 from fusedops import _extension
 from fusedops._compile import assume_constant_result
-from fusedops.dispatch import contract
+from fusedops.dispatch import contract, linear_contract
 
 NAME = "cuda"
 
@@ -25,6 +25,7 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 _MAX_EXTENT = 2**31 - 1  # one thread block per row, int column indices
 _lock = threading.Lock()
 _ops: contract.CrossEntropyOps | None = None
+_linear_ops: linear_contract.LinearOps | None = None
 
 
 # Under torch.compile, dynamo runs the two functions marked assume_constant_result for real
@@ -40,11 +41,12 @@ def availability() -> str | None:
 
 def load() -> ModuleType:
     """Load ``fusedops._C`` and register the fakes of its ops (once). Needs no GPU."""
-    global _ops
+    global _ops, _linear_ops
     module = _extension.load()
     if _ops is None:
         with _lock:
             if _ops is None:
+                _linear_ops = linear_contract.register_linear_fakes(NAME)
                 _ops = contract.register_cross_entropy_fakes(NAME)
     return module
 
@@ -93,3 +95,51 @@ def ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing
            inplace):
     return contract.run_ce_bwd(_cross_entropy_ops(), logits, target, weight, lse, grad_loss,
                                ignore_index, label_smoothing, z_loss, softcap, inplace)
+
+
+# --- the fused linear: act(x @ W^T + b + r) (linear_contract.py; csrc/matmul/) -----------
+
+_GEMM_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def linear_unsupported(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       residual: torch.Tensor | None, activation: str) -> str | None:
+    """None when the CUDA GEMM covers this call (input (M, K), weight (N, K)), else why not."""
+    if activation not in linear_contract.ACTIVATIONS:
+        return f"activation {activation!r} (the kernels take {linear_contract.ACTIVATIONS})"
+    if input.dtype not in _GEMM_DTYPES:
+        return (f"{input.dtype} input: the CUDA GEMM takes float16 and bfloat16 (float32 through "
+                "tf32 is not implemented in the CUDA tier yet)")
+    if weight.dtype != input.dtype:
+        return f"weight dtype {weight.dtype} differs from the input's {input.dtype}"
+    if input.dim() != 2 or weight.dim() != 2:
+        return "input and weight must be 2-D here (the functional layer flattens the batch)"
+    devices = {t.device for t in (input, weight, bias, residual) if t is not None}
+    if len(devices) != 1 or input.device.type != "cuda":
+        return f"the tensors are on {sorted(map(str, devices))}, not on one CUDA device"
+    if input.shape[0] > _MAX_EXTENT or weight.shape[0] > _MAX_EXTENT:
+        return f"M = {input.shape[0]} or N = {weight.shape[0]} is 2**31 or more"
+    return None
+
+
+def _linear_ops_loaded() -> linear_contract.LinearOps:
+    _ensure_loaded()
+    return linear_contract.LinearOps(torch.ops.fusedops.linear_fwd_cuda.default,
+                                     torch.ops.fusedops.linear_bwd_cuda.default,
+                                     torch.ops.fusedops.linear_weight_grad_accumulate_cuda.default)
+
+
+def linear_fwd(input, weight, bias, residual, activation, allow_tf32):
+    return _linear_ops_loaded().fwd(input, weight, bias, residual, activation, allow_tf32)
+
+
+def linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_input_grad,
+               needs_weight_grad, needs_bias_grad, needs_preact_grad):
+    return _linear_ops_loaded().bwd(grad_out, input, weight, saved, activation, allow_tf32,
+                                    needs_input_grad, needs_weight_grad, needs_bias_grad,
+                                    needs_preact_grad)
+
+
+def linear_weight_grad_accumulate(grad_out, input, grad_weight, grad_bias, allow_tf32):
+    _linear_ops_loaded().weight_grad_accumulate(grad_out, input, grad_weight, grad_bias,
+                                                allow_tf32)

@@ -37,8 +37,10 @@ needs_weight_grad, needs_bias_grad, needs_preact_grad)
   ``grad_out.sum(0)`` into the float32 ``grad_bias`` ``(N,)`` (or None), in place, with no
   activation: for a caller that sums weight gradients over several calls (the token chunks
   of linear_cross_entropy) without a temporary of the weight's size per call.
-* The kernels form ``dz`` inside the backward GEMMs (act' applied to the tiles as they are
-  loaded), never in a separate elementwise pass over the pre-activation.
+* The Triton kernels form ``dz`` inside the backward GEMMs (act' applied to the tiles as they
+  are loaded). The CUDA tier's GEMMs take their operands straight from TMA into shared
+  memory, so it forms ``dz`` in one pass before them (csrc/matmul/linear_bwd_prologue.cu),
+  the same pass that reduces the bias gradient; with activation "none" that pass only sums.
 """
 
 from __future__ import annotations
@@ -116,5 +118,16 @@ def register_linear_ops(tier: str, fwd_impl: Callable, bwd_impl: Callable,
     return LinearOps(*ops)
 
 
-__all__ = ["ACTIVATIONS", "NAMESPACE", "SAVES", "SCHEMAS", "LinearOps", "register_linear_ops",
-           "saves_preactivation"]
+def register_linear_fakes(tier: str) -> LinearOps:
+    """For ops defined in C++ (the CUDA tier): attach the fakes and return the op handles."""
+    for op, fake in (("linear_fwd", linear_fwd_fake), ("linear_bwd", linear_bwd_fake),
+                     ("linear_weight_grad_accumulate", linear_weight_grad_accumulate_fake)):
+        torch.library.register_fake(op_name(op, tier))(fake)
+    ops = torch.ops.fusedops
+    return LinearOps(getattr(ops, f"linear_fwd_{tier}").default,
+                     getattr(ops, f"linear_bwd_{tier}").default,
+                     getattr(ops, f"linear_weight_grad_accumulate_{tier}").default)
+
+
+__all__ = ["ACTIVATIONS", "NAMESPACE", "SAVES", "SCHEMAS", "LinearOps", "register_linear_fakes",
+           "register_linear_ops", "saves_preactivation"]
