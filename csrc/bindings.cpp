@@ -243,9 +243,17 @@ void ce_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
 
 int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
 
-GemmType gemm_type(const char* op, const at::Tensor& t) {
+// float32 only in tf32, and only when the caller allows it (torch's float32 matmul precision
+// is not "highest"): the CUDA GEMM has no full-precision float32 path.
+GemmType gemm_type(const char* op, const at::Tensor& t, bool allow_tf32) {
+  if (t.scalar_type() == at::kFloat) {
+    TORCH_CHECK(allow_tf32, op, ": float32 needs allow_tf32 (the CUDA GEMM multiplies float32 "
+                "in tf32; torch.set_float32_matmul_precision('high') allows it)");
+    return GemmType::kFloat32;
+  }
   TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op,
-              ": the CUDA GEMM takes float16 and bfloat16, got ", t.scalar_type());
+              ": the CUDA GEMM takes float16, bfloat16 and float32 (tf32), got ",
+              t.scalar_type());
   return t.scalar_type() == at::kHalf ? GemmType::kFloat16 : GemmType::kBFloat16;
 }
 
@@ -267,18 +275,20 @@ bool saves_preactivation(Activation activation) {
 // The GEMM operand held by the 2-D `matrix`, whose dimension `row_dim` runs along M (or N)
 // and whose other dimension runs along K. The kernels read either layout in place (K-major
 // when K is the unit-stride dimension, MN-major when M/N is) provided the other stride is a
-// multiple of 8 elements and the data 16-byte aligned; anything else is first copied into a
-// row-padded buffer (`storage` keeps it alive) — the documented slower path.
-GemmOperand gemm_operand(const at::Tensor& matrix, int row_dim, at::Tensor& storage) {
-  auto stride = [&](const at::Tensor& t, int dim) {
+// multiple of 8 elements and the data 16-byte aligned; anything else — and any MN-major
+// float32 operand, since tf32 tensor-core operands must be K-major — is first copied into a
+// K-major, row-padded buffer (`storage` keeps it alive): the documented slower path.
+GemmOperand gemm_operand(const at::Tensor& matrix, int row_dim, bool k_major_only,
+                         at::Tensor& storage) {
+  auto stride = [](const at::Tensor& t, int dim) {
     // A dimension of extent 1 is never stepped along: give it an aligned stride.
     return t.size(dim) == 1 ? round_up8(t.size(1 - dim)) : t.stride(dim);
   };
-  auto usable = [&](const at::Tensor& t, GemmOperand& operand) {
+  auto usable = [&](const at::Tensor& t, int rows_dim, GemmOperand& operand) {
     if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-    const int k_dim = 1 - row_dim;
     for (const bool mn_major : {false, true}) {
-      const int unit_dim = mn_major ? row_dim : k_dim;
+      if (mn_major && k_major_only) break;
+      const int unit_dim = mn_major ? rows_dim : 1 - rows_dim;
       const int64_t ld = stride(t, 1 - unit_dim);
       if (stride(t, unit_dim) == 1 && ld % 8 == 0 && ld >= t.size(unit_dim)) {
         operand = GemmOperand{t.data_ptr(), ld, mn_major};
@@ -288,11 +298,12 @@ GemmOperand gemm_operand(const at::Tensor& matrix, int row_dim, at::Tensor& stor
     return false;
   };
   GemmOperand operand{};
-  if (usable(matrix, operand)) return operand;
-  storage = at::empty({matrix.size(0), round_up8(matrix.size(1))}, matrix.options())
-                .narrow(1, 0, matrix.size(1));
-  storage.copy_(matrix);
-  TORCH_CHECK(usable(storage, operand), "fusedops: internal error: unaligned GEMM copy");
+  if (usable(matrix, row_dim, operand)) return operand;
+  const at::Tensor rows_by_k = row_dim == 0 ? matrix : matrix.t();
+  storage = at::empty({rows_by_k.size(0), round_up8(rows_by_k.size(1))}, matrix.options())
+                .narrow(1, 0, rows_by_k.size(1));
+  storage.copy_(rows_by_k);
+  TORCH_CHECK(usable(storage, 0, operand), "fusedops: internal error: unaligned GEMM copy");
   return operand;
 }
 
@@ -312,7 +323,8 @@ void run_gemm(const char* op, const GemmParams& params, const at::Tensor& like) 
   C10_CUDA_CHECK(status);
 }
 
-void check_linear_operands(const char* op, const at::Tensor& input, const at::Tensor& weight) {
+void check_linear_operands(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                           bool allow_tf32) {
   TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor, got ", input.device());
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2, op,
               ": input and weight must be 2-D, got shapes ", input.sizes(), " and ",
@@ -325,7 +337,7 @@ void check_linear_operands(const char* op, const at::Tensor& input, const at::Te
               " and weight (N, K) ", weight.sizes(), " disagree on K");
   TORCH_CHECK(input.size(0) < (int64_t{1} << 31) && weight.size(0) < (int64_t{1} << 31), op,
               ": M and N must be below 2**31");
-  gemm_type(op, input);
+  gemm_type(op, input, allow_tf32);
 }
 
 at::Tensor activate(const at::Tensor& z, Activation activation) {
@@ -345,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& input,
                                                    c10::string_view activation_name,
                                                    bool allow_tf32) {
   constexpr const char* op = "fusedops::linear_fwd_cuda";
-  check_linear_operands(op, input, weight);
+  check_linear_operands(op, input, weight, allow_tf32);
   const c10::cuda::CUDAGuard guard(input.device());
   const Activation activation = parse_activation(op, activation_name);
   const int64_t m = input.size(0), n = weight.size(0), k = input.size(1);
@@ -385,9 +397,10 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& input,
   params.m = m;
   params.n = n;
   params.k = k;
-  params.type = gemm_type(op, input);
-  params.a = gemm_operand(input, 0, a_storage);
-  params.b = gemm_operand(weight, 0, b_storage);
+  params.type = gemm_type(op, input, allow_tf32);
+  const bool k_major_only = params.type == GemmType::kFloat32;
+  params.a = gemm_operand(input, 0, k_major_only, a_storage);
+  params.b = gemm_operand(weight, 0, k_major_only, b_storage);
   params.bias = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
   params.residual = residual_t.defined() ? residual_t.data_ptr() : nullptr;
   params.ld_residual = residual_t.defined() ? residual_t.stride(0) : 0;
@@ -419,7 +432,8 @@ at::Tensor form_dz(const char* op, const at::Tensor& grad_out, const at::Tensor&
   LinearBwdPrologueParams params{};
   params.m = m;
   params.n = n;
-  params.type = gemm_type(op, grad_out);
+  params.type = grad_out.scalar_type() == at::kFloat ? GemmType::kFloat32
+                                                      : gemm_type(op, grad_out, false);
   params.activation = activation;
   params.grad_out = g.data_ptr();
   params.ld_grad_out = g.stride(0);
@@ -436,15 +450,16 @@ at::Tensor form_dz(const char* op, const at::Tensor& grad_out, const at::Tensor&
 // out (rows, cols) = A @ B^T with A, B given as matrices and the dimension of each that runs
 // along the output (see gemm_operand); `out` has column stride 1.
 void plain_gemm(const char* op, const at::Tensor& a, int a_row_dim, const at::Tensor& b,
-                int b_row_dim, at::Tensor& out, bool accumulate) {
+                int b_row_dim, at::Tensor& out, bool accumulate, bool allow_tf32) {
   at::Tensor a_storage, b_storage;
   GemmParams params{};
   params.m = a.size(a_row_dim);
   params.n = b.size(b_row_dim);
   params.k = a.size(1 - a_row_dim);
-  params.type = gemm_type(op, a);
-  params.a = gemm_operand(a, a_row_dim, a_storage);
-  params.b = gemm_operand(b, b_row_dim, b_storage);
+  params.type = gemm_type(op, a, allow_tf32);
+  const bool k_major_only = params.type == GemmType::kFloat32;
+  params.a = gemm_operand(a, a_row_dim, k_major_only, a_storage);
+  params.b = gemm_operand(b, b_row_dim, k_major_only, b_storage);
   params.activation = Activation::kNone;
   params.out = out.data_ptr();
   params.ld_out = out.stride(0);
@@ -458,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
     bool needs_input_grad, bool needs_weight_grad, bool needs_bias_grad,
     bool needs_preact_grad) {
   constexpr const char* op = "fusedops::linear_bwd_cuda";
-  check_linear_operands(op, input, weight);
+  check_linear_operands(op, input, weight, allow_tf32);
   const c10::cuda::CUDAGuard guard(input.device());
   const Activation activation = parse_activation(op, activation_name);
   const int64_t m = input.size(0), n = weight.size(0), k = input.size(1);
@@ -488,10 +503,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
   if (needs_bias_grad) grad_bias.copy_(grad_bias_f32);
   if (needs_preact_grad) grad_preact.copy_(dz);
   if (k > 0 && needs_input_grad) {  // (m, k) = dz (m, n) @ W (n, k)
-    plain_gemm(op, dz, 0, weight, 1, grad_input, false);
+    plain_gemm(op, dz, 0, weight, 1, grad_input, false, allow_tf32);
   }
   if (k > 0 && needs_weight_grad) {  // (n, k) = dz^T (n, m) @ x (m, k)
-    plain_gemm(op, dz, 1, input, 1, grad_weight, false);
+    plain_gemm(op, dz, 1, input, 1, grad_weight, false, allow_tf32);
   }
   return {grad_input, grad_weight, grad_bias, grad_preact};
 }
@@ -517,7 +532,7 @@ void linear_weight_grad_accumulate_cuda(const at::Tensor& grad_out, const at::Te
                     grad_bias->size(0) == n && grad_bias->device() == input.device(),
                 op, ": grad_bias must be float32 (", n, ",), got ", grad_bias->sizes());
   }
-  gemm_type(op, input);
+  gemm_type(op, input, allow_tf32);
   const c10::cuda::CUDAGuard guard(input.device());
   if (m == 0 || n == 0) return;
   if (grad_bias.has_value()) {
@@ -528,10 +543,10 @@ void linear_weight_grad_accumulate_cuda(const at::Tensor& grad_out, const at::Te
   if (k == 0) return;
   if (grad_weight.stride(1) == 1) {
     at::Tensor target = grad_weight;
-    plain_gemm(op, grad_out, 1, input, 1, target, true);
+    plain_gemm(op, grad_out, 1, input, 1, target, true, allow_tf32);
   } else {  // the kernels add into rows with unit column stride: go through a temporary
     at::Tensor sum = at::zeros({n, k}, grad_weight.options());
-    plain_gemm(op, grad_out, 1, input, 1, sum, true);
+    plain_gemm(op, grad_out, 1, input, 1, sum, true, allow_tf32);
     grad_weight.add_(sum);
   }
 }

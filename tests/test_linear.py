@@ -36,8 +36,9 @@ def linear_tier(tier):
 
 
 def dtype_for_tier(tier, dtype):
-    """The CUDA tier has no float32 GEMM yet (tf32 is future work): its runs of the float32
-    cases use float16 inputs instead, compared at float16's tolerance."""
+    """The CUDA tier multiplies float32 only in tf32, and these tests keep torch's default
+    full-precision float32: its runs of the float32 cases use float16 inputs instead,
+    compared at float16's tolerance (test_linear_cuda_gemm.py tests tf32)."""
     return torch.float16 if tier == "cuda" and dtype == torch.float32 else dtype
 
 

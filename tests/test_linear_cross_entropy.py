@@ -72,8 +72,8 @@ def reference(x64, w64, b64, target, cw, reduction="mean", **options):
 
 
 def for_tier(tier, *tensors):
-    """The CUDA tier has no float32 GEMM yet (tf32 is future work): float32 cases run it on
-    float16 copies of the inputs instead."""
+    """The CUDA tier multiplies float32 only in tf32 (not at these tests' default full
+    precision): float32 cases run it on float16 copies of the inputs instead."""
     if tier != "cuda":
         return tensors
     return tuple(t.half() if t is not None and t.dtype == torch.float32 else t for t in tensors)

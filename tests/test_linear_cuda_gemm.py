@@ -153,3 +153,44 @@ def test_more_than_2_31_elements(gemm_path):
     rows = torch.tensor([0, 1, m // 2, m - 2, m - 1], device="cuda")
     ref = F.linear(x[rows].double(), w.double())
     assert_close(out[rows], ref, torch.bfloat16, "sampled rows")
+
+
+@pytest.fixture
+def tf32():
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (127, 65, 129), (1000, 1031, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_float32_in_tf32(gemm_path, tf32, shape):
+    # tf32 keeps 10 mantissa bits of each product's factors: compare at float16's tolerance.
+    m, k, n = shape
+    x = torch.randn(m, k, device="cuda")
+    w = torch.randn(n, k, device="cuda") / k**0.5
+    b = torch.randn(n, device="cuda")
+    out, leaves = run(x, w, b, None, "gelu")
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = reference(*leaves64, None, "gelu")
+    assert out.dtype == torch.float32
+    assert_close(out, ref, torch.float16, "output")
+    upstream = torch.randn_like(ref)
+    out.backward(upstream.float())
+    ref.backward(upstream)
+    for name, ours, theirs in zip(("input", "weight", "bias"), leaves, leaves64):
+        assert_close(ours.grad, theirs.grad, torch.float16, f"grad of {name}")
+
+
+def test_float32_at_full_precision_is_refused():
+    if fusedops.backends()["cuda"] is not None:
+        pytest.skip(f"the CUDA tier is unavailable: {fusedops.backends()['cuda']}")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        x, w = torch.randn(4, 8, device="cuda"), torch.randn(3, 8, device="cuda")
+        with fusedops.use_backend("cuda"), pytest.raises(NotImplementedError, match="tf32"):
+            fusedops.linear(x, w)
+    finally:
+        torch.set_float32_matmul_precision(previous)

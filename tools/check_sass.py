@@ -10,6 +10,7 @@ prints a per-kernel summary either way.
 
     python tools/check_sass.py                 # the installed / in-place fusedops._C
     python tools/check_sass.py --so path/to/_C.so --verbose
+    python tools/check_sass.py --markdown audit.md   # every kernel: resources, instructions
 
 To cover a new kernel add a row: a regex on the demangled kernel name, the architectures,
 how many instantiations must exist per architecture, and the instruction regexes that must
@@ -64,16 +65,17 @@ EXPECTATIONS: tuple[Expectation, ...] = (
                 (("128-bit global loads", LDG_128),)),
     Expectation("cross-entropy backward", r"\bfusedops::ce_bwd_kernel<", BOTH_ARCHES,
                 6, (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),
-    # 2 dtypes (__half, __nv_bfloat16) x 4 operand majors (A, B each K- or MN-major); the
-    # sm_80 build has the kernel too, with an empty (trapping) body, so only sm_90a is checked.
-    # The same 8 on both architectures (sm_90a runs it when FUSEDOPS_GEMM_PATH=sm80 forces it).
+    # GEMMs: 2 dtypes (__half, __nv_bfloat16) x 4 operand majors (A, B each K- or MN-major)
+    # + float (tf32, both K-major). The sm_80 kernel on both architectures (sm_90a runs it
+    # when FUSEDOPS_GEMM_PATH=sm80 forces it); the sm_90a kernel only there (the sm_80 build
+    # has it too, with an empty trapping body).
     Expectation("GEMM sm_80 (mma.sync + cp.async)", r"\bgemm_sm80_kernel<", BOTH_ARCHES,
-                8, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM), ("cp.async", LDGSTS))),
-    # 2 dtypes (the activation is a runtime switch over specialised bodies).
+                9, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM), ("cp.async", LDGSTS))),
+    # 3 dtypes (the activation is a runtime switch over specialised bodies).
     Expectation("linear backward prologue (dz, bias partials)",
-                r"\bfusedops::linear_bwd_prologue_kernel<", BOTH_ARCHES, 2,
+                r"\bfusedops::linear_bwd_prologue_kernel<", BOTH_ARCHES, 3,
                 (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),
-    Expectation("GEMM sm_90a (wgmma + TMA)", r"\bgemm_sm90_kernel<", ("sm_90a",), 8,
+    Expectation("GEMM sm_90a (wgmma + TMA)", r"\bgemm_sm90_kernel<", ("sm_90a",), 9,
                 (("warpgroup MMA", HGMMA), ("TMA tile loads", UTMALDG))),
 )
 
@@ -87,6 +89,7 @@ class Kernel:
     registers: int | None = None
     stack: int | None = None
     local: int | None = None
+    shared: int | None = None       # static shared memory (dynamic is set at launch)
 
 
 def find_library(explicit: str | None) -> Path:
@@ -177,6 +180,7 @@ def parse_resource_usage(text: str, kernels: dict[tuple[str, str], Kernel]) -> N
                 kernel.registers = int(fields.get("REG", 0))
                 kernel.stack = int(fields.get("STACK", 0))
                 kernel.local = int(fields.get("LOCAL", 0))
+                kernel.shared = int(fields.get("SHARED", 0))
             name = None
 
 
@@ -252,6 +256,24 @@ def summary(checked, verbose: bool) -> str:
     return "\n".join(lines)
 
 
+# The columns of the --markdown audit: instruction classes worth seeing per kernel.
+AUDIT_COLUMNS = (("HGMMA", HGMMA), ("HMMA", HMMA), ("UTMALDG", UTMALDG), ("LDGSTS", LDGSTS),
+                 ("LDSM", LDSM), ("LDG.128", LDG_128), ("STG.128", STG_128))
+
+
+def markdown_audit(kernels: dict[tuple[str, str], Kernel]) -> str:
+    """Every kernel of the library: resources and instruction counts, as a Markdown table."""
+    header = ["arch", "kernel", "regs", "stack+local B", "static smem B",
+              *(name for name, _ in AUDIT_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for kernel in sorted(kernels.values(), key=lambda k: (k.arch, short_name(k.name))):
+        cells = [kernel.arch, f"`{short_name(kernel.name)}`", str(kernel.registers),
+                 str((kernel.local or 0) + (kernel.stack or 0)), str(kernel.shared or 0),
+                 *(str(count(kernel, pattern)) for _, pattern in AUDIT_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--so", help="the extension library (default: fusedops._C)")
@@ -259,6 +281,9 @@ def main(argv=None) -> int:
                         help="check only this arch (repeatable), e.g. --arch sm_90a")
     parser.add_argument("--verbose", action="store_true",
                         help="list the global load/store opcodes of each kernel")
+    parser.add_argument("--markdown", metavar="FILE",
+                        help="also write a Markdown table of every kernel's registers, "
+                             "local memory, static shared memory and instruction counts")
     args = parser.parse_args(argv)
 
     library = find_library(args.so)
@@ -270,6 +295,9 @@ def main(argv=None) -> int:
         return 1
     parse_resource_usage(run([cuobjdump, "--dump-resource-usage", str(library)]), kernels)
     demangle(kernels)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_audit(kernels) + "\n")
+        print(f"check_sass: wrote the audit table to {args.markdown}")
     failures, checked = check(kernels, EXPECTATIONS, set(args.arch) if args.arch else None)
     print(summary(checked, args.verbose))
     if failures:

@@ -7,7 +7,8 @@
 // many rows. The kernels first spill the fragment to a float32 tile in shared memory (a row
 // stride of COLS + kTilePad floats keeps those writes free of bank conflicts), then here
 // each thread takes runs of 8 consecutive columns of one row: two 16-byte reads of the tile,
-// 16-byte loads of the residual and 16-byte stores of the output and of the pre-activation,
+// 16-byte loads of the residual and 16-byte stores of the output and of the pre-activation
+// (two of each for float32),
 // coalesced across the threads of a row.
 #pragma once
 
@@ -37,6 +38,32 @@ template <>
 struct StorageType<__nv_bfloat16> {
   static constexpr GemmType value = GemmType::kBFloat16;
 };
+template <>
+struct StorageType<float> {
+  static constexpr GemmType value = GemmType::kFloat32;
+};
+
+// A run of 8 elements of T as 16-byte vectors (one for 16-bit types, two for float32).
+template <typename T>
+struct Run {
+  static constexpr int kVectors = kEpilogueRun / Vec<T>::kSize;
+  Vec<T> vec[kVectors];
+  __device__ __forceinline__ T& operator[](int e) {
+    return vec[e / Vec<T>::kSize].v[e % Vec<T>::kSize];
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void load_run(const T* p, Run<T>& run) {
+#pragma unroll
+  for (int i = 0; i < Run<T>::kVectors; ++i) run.vec[i] = load_vec(p + i * Vec<T>::kSize);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_run(T* p, const Run<T>& run) {
+#pragma unroll
+  for (int i = 0; i < Run<T>::kVectors; ++i) store_vec(p + i * Vec<T>::kSize, run.vec[i]);
+}
 
 // Whether every output-shaped tensor of `p` allows 16-byte accesses on runs of 8 columns
 // starting at a multiple of 8 (leading dimensions multiples of 8, bases 16-byte aligned).
@@ -113,9 +140,10 @@ __device__ __forceinline__ void epilogue_store_tile(const float* tile, int threa
     if (residual != nullptr) {
       const T* res = residual + row * p.ld_residual + col;
       if (whole_run) {
-        const Vec<T> v = load_vec(res);
+        Run<T> v;
+        load_run(res, v);
 #pragma unroll
-        for (int e = 0; e < kEpilogueRun; ++e) z[e] += to_float(v.v[e]);
+        for (int e = 0; e < kEpilogueRun; ++e) z[e] += to_float(v[e]);
       } else {
 #pragma unroll
         for (int e = 0; e < kEpilogueRun; ++e) {
@@ -123,23 +151,23 @@ __device__ __forceinline__ void epilogue_store_tile(const float* tile, int threa
         }
       }
     }
-    Vec<T> out_vec, preact_vec;
+    Run<T> out_run, preact_run;
 #pragma unroll
     for (int e = 0; e < kEpilogueRun; ++e) {
-      preact_vec.v[e] = from_float<T>(z[e]);
-      out_vec.v[e] = from_float<T>(activate(z[e], p.activation));
+      preact_run[e] = from_float<T>(z[e]);
+      out_run[e] = from_float<T>(activate(z[e], p.activation));
     }
     T* out = static_cast<T*>(p.out) + row * p.ld_out + col;
     T* pre = preact != nullptr ? preact + row * p.ld_preact + col : nullptr;
     if (whole_run) {
-      store_vec(out, out_vec);
-      if (pre != nullptr) store_vec(pre, preact_vec);
+      store_run(out, out_run);
+      if (pre != nullptr) store_run(pre, preact_run);
     } else {
 #pragma unroll
       for (int e = 0; e < kEpilogueRun; ++e) {
         if (e < valid) {
-          out[e] = out_vec.v[e];
-          if (pre != nullptr) pre[e] = preact_vec.v[e];
+          out[e] = out_run[e];
+          if (pre != nullptr) pre[e] = preact_run[e];
         }
       }
     }

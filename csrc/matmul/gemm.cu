@@ -27,7 +27,11 @@ bool valid(const GemmParams& p) {
       p.k > kMaxExtent) {
     return false;
   }
-  if (p.type != GemmType::kFloat16 && p.type != GemmType::kBFloat16) return false;
+  if (p.type != GemmType::kFloat16 && p.type != GemmType::kBFloat16 &&
+      p.type != GemmType::kFloat32) {
+    return false;
+  }
+  if (p.type == GemmType::kFloat32 && (p.a.mn_major || p.b.mn_major)) return false;  // tf32
   if (!operand_ok(p.a, p.m, p.k) || !operand_ok(p.b, p.n, p.k)) return false;
   if (p.out == nullptr || !output_ok(p.out, p.ld_out, p.n) ||
       !output_ok(p.residual, p.ld_residual, p.n) || !output_ok(p.preact, p.ld_preact, p.n)) {

@@ -20,8 +20,9 @@
 //     grad_weight (n, k_in) = dz^T @ x    A = dz  (MN-major), B = x  (MN-major)
 //
 // Requirements on every operand (bindings.cpp makes an aligned copy otherwise): the
-// contiguous dimension has stride 1, the leading dimension is a multiple of 8 elements, and
-// the base pointer is 16-byte aligned. These are TMA's rules (sm_90a) and cp.async's 16-byte
+// contiguous dimension has stride 1, the leading dimension is a multiple of 8 elements
+// (16 bytes of float32, so 4 would do, but one rule serves all types), and the base pointer
+// is 16-byte aligned. These are TMA's rules (sm_90a) and cp.async's 16-byte
 // copies (sm_80). m, n and k may be anything >= 1: ragged tiles are zero-filled on load
 // (TMA bounds, cp.async zero-fill) and masked on store. m and n are below 2**31; offsets
 // into any tensor are computed in 64 bits.
@@ -33,7 +34,10 @@
 
 namespace fusedops {
 
-enum class GemmType : int { kFloat16 = 0, kBFloat16 = 1 };
+// kFloat32 multiplies in tf32 (10-bit mantissa products, float32 accumulation), the way
+// torch does when torch.backends.cuda.matmul.allow_tf32 is set; its operands must both be
+// K-major (tensor cores have no transposed tf32 shared-memory operand).
+enum class GemmType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 
 // The order matches linear_contract.ACTIVATIONS.
 enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };

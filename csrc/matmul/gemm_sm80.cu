@@ -1,18 +1,26 @@
 // gemm_sm80.cu — the sm_80 GEMM with fused epilogue: cp.async into a multi-stage shared-memory
-// ring, ldmatrix, and mma.sync m16n8k16 tensor-core instructions. It also runs on sm_90 (the
-// fallback when the sm_90a kernel is unavailable, or when forced).
+// ring, ldmatrix, and mma.sync tensor-core instructions (m16n8k16 for float16/bfloat16,
+// m16n8k8 tf32 for float32). It also runs on sm_90 (the fallback when the sm_90a kernel is
+// unavailable, or when forced).
 //
 // The math is gemm.h's: z = A B^T in float32, out = act(z + bias + residual) (or out += z
-// into a float32 out), for float16 or bfloat16 A and B, each K-major or MN-major.
+// into a float32 out), for float16 or bfloat16 A and B, each K-major or MN-major, or for
+// float32 A and B, both K-major, multiplied in tf32.
+//
+// Everything below is laid out in bytes, and float32 only changes how many elements a byte
+// range holds: a 16-byte chunk is 8 16-bit or 4 float32 elements (chunk_elems), a stage's
+// k block (a 64-byte K-major row) 32 or 16 (block_k), an mma step (32 bytes of k) 16 or 8
+// (mma_k). Where k counts are quoted they are for the 16-bit types; halve them for float32.
 //
 // The work. The (m, n) output is cut in 128 x 128 tiles, one CTA of 256 threads (8 warps)
 // each, visited in a grouped order: blockIdx.x is linear over the tiles, and runs of
 // kGroupM = 8 tile-rows are walked column by column, so the 8 A row-panels of a group and
 // the B panel of the current column stay in L2 while the group is being worked on (a plain
 // row-major order would stream all of B once per tile-row). The CTA walks k in blocks of
-// kBlockK = 32; the warps sit in a 2 (m) x 4 (n) grid and each owns a 64 x 32 piece of the
-// tile: per 16-deep k step it loads 4 A fragments (16 x 16) and 4 B fragments (8 x 16) with
-// 4 + 2 ldmatrix.x4 and issues 4 x 4 mma.m16n8k16, into 64 float32 accumulators per thread.
+// block_k = 32; the warps sit in a 2 (m) x 4 (n) grid and each owns a 64 x 32 piece of the
+// tile: per 16-deep k step (two per block) it loads 4 A fragments (16 x 16) and 4 B
+// fragments (8 x 16) with 4 + 2 ldmatrix.x4 and issues 4 x 4 mma.m16n8k16, into 64 float32
+// accumulators per thread.
 //
 // The pipeline. kStages = 4 shared-memory stages, each holding one k block of A (128 x 32)
 // and of B (128 x 32), 8 KB each. The prologue issues the copies of blocks 0..2 (one
@@ -28,17 +36,17 @@
 // two per thread:
 //   K-major tile (128 rows of A or B x 32 k): 4 chunks per row; thread t copies row t/4
 //     (and t/4 + 64), k 8 (t % 4) .. + 7. Four consecutive threads read 64 contiguous bytes.
-//   MN-major tile (32 k x 128 rows along M or N, stored k-row by k-row as it lies in memory):
-//     16 chunks per k-row; thread t copies k-row t/16 (and t/16 + 16), rows 8 (t % 16) .. + 7.
-//     Sixteen consecutive threads read 256 contiguous bytes.
+//   MN-major tile (16-bit types only; 32 k x 128 rows along M or N, stored k-row by k-row as
+//     it lies in memory): 16 chunks per k-row; thread t copies k-row t/16 (and t/16 + 16),
+//     rows 8 (t % 16) .. + 7. Sixteen consecutive threads read 256 contiguous bytes.
 // Ragged edges use the zero-fill form cp.async [dst], [src], 16, src_bytes: the bytes past
 // src_bytes are written as zeros, which contributes nothing to the dot products. A chunk is
-// partly valid along k (K-major, when k % 8 != 0) or along M/N (MN-major, when m or n % 8
-// != 0); since leading dimensions are multiples of 8 elements and bases are 16-byte
-// aligned, every chunk starts 16-byte aligned and its valid part is a whole number of
-// elements. A chunk wholly outside copies 0 bytes from the operand's base pointer, so no
-// address outside the operand is ever formed for a read. Offsets are int64 (row * ld can
-// exceed 2**31).
+// partly valid along k (K-major, when k % chunk_elems != 0: 2-byte granular for 16-bit
+// types, 4-byte for float32) or along M/N (MN-major, when m or n % 8 != 0); since leading
+// dimensions are multiples of 8 elements and bases are 16-byte aligned, every chunk starts
+// 16-byte aligned and its valid part is a whole number of elements. A chunk wholly outside
+// copies 0 bytes from the operand's base pointer, so no address outside the operand is ever
+// formed for a read. Offsets are int64 (row * ld can exceed 2**31).
 //
 // Shared-memory layouts, XOR-swizzled in 16-byte chunks. Both layouts map the tile
 // coordinate of a chunk's first element to a byte offset (smem_chunk_offset below), and the
@@ -64,6 +72,9 @@
 //                       a[3] = (g + 8, 2q+8..).
 //   B (16 x 8, "col", i.e. B^T rows n): b[0] = (n g, k 2q..2q+1), b[1] = (n g, k 2q+8..).
 //   C (16 x 8, f32):    c[0], c[1] = (row g, col 2q, 2q+1); c[2], c[3] = (row g + 8, same).
+// With .tf32 inputs, mma.m16n8k8 (each register holds one element; C as above):
+//   A (16 x 8): a[0] = (row g, k q), a[1] = (g + 8, q), a[2] = (g, q + 4), a[3] = (g + 8, q + 4).
+//   B (8 x 8):  b[0] = (n g, k q), b[1] = (n g, k q + 4).
 // ldmatrix.x4: lanes 8i .. 8i + 7 give the addresses of the 8 rows (16 bytes each) of matrix
 // i; register i of lane l receives row l / 4, elements 2 (l % 4) and +1 of matrix i (with
 // .trans: elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4), i.e. the transpose).
@@ -81,6 +92,16 @@
 //     lane l -> k 8 kh + l % 8, rows 8 rh .. + 7 (for A: k l % 8 + 8 (l / 16), rows
 //     8 ((l / 8) % 2) ..). .trans hands lane l the stored elements at k-rows 2q and 2q + 1,
 //     column g: the same (row g, k 2q..2q+1) pair, so the fragments equal the K-major ones.
+//   float32 (K-major only; .trans would swap 16-bit halves, not float32 elements): the same
+//     addresses, byte for byte. A stored 16-byte row is 4 consecutive k, so an 8 x 8 b16
+//     matrix is 8 rows x 4 float32, and register i of lane l receives b16 elements
+//     2 (l % 4), +1 of row l / 4, i.e. bytes 4 (l % 4) .. + 3: the whole float32 (row l / 4,
+//     k l % 4) of the matrix, low half in the low half. The quarter (rh, kh) is rows 8 rh ..
+//     + 7, k 4 kh .. + 3, so lane l receives (row 8 rh + g, k 4 kh + q): in A's order a[0..3]
+//     exactly, in B's order b[0], b[1] of rows 0-7 then of rows 8-15. Each register then goes
+//     through cvt.rna.tf32.f32 (round to nearest, ties away, as CUTLASS rounds float operands
+//     for tf32; without it the tensor cores ignore the low 13 mantissa bits, i.e. truncate,
+//     which is what the sm_90a kernel's wgmma does: the two paths differ in the last bits).
 // Every ldmatrix address is a per-lane offset fixed for the whole kernel, XOR or plus a
 // compile-time constant (ldmatrix_offset), plus the stage's base.
 //
@@ -95,15 +116,19 @@
 // 2-way conflicted (rows g and g + 1 overlap by 4 banks).
 //
 // Registers and occupancy: 64 accumulators + 24 fragment registers + addressing fit the
-// 128 registers that __launch_bounds__(256, 2) allows (ptxas: 122-128, no spills, at sm_80
+// 128 registers that __launch_bounds__(256, 2) allows (ptxas: 120-128, no spills, at sm_80
 // and sm_90a), and 2 x 67.6 KB of shared memory fit an A100 SM (164 KB), so two CTAs (16
 // warps) share an SM and one's barrier waits and epilogue overlap the other's MMAs. A k
 // block costs a warp about 140 instructions: 32 HMMA, 12 LDSM, 4 LDGSTS and the rest
-// mostly the copies' bounds and zero-fill arithmetic.
+// mostly the copies' bounds and zero-fill arithmetic. For float32 about 240: the 48
+// conversions cost two each (cvt.rna.tf32.f32 is a finiteness test and a predicated
+// integer add of 0x1000 in SASS), for a k block half as deep.
 //
-// Tuning left for a GPU (nothing here has been measured): kBlockK = 64 with 3 stages, a
+// Tuning left for a GPU (nothing here has been measured): block_k = 64 with 3 stages, a
 // 128 x 256 tile, a split-k path for small m n and large k, and keeping the fragments of
-// the next 16-deep step in flight explicitly (left to the compiler's scheduling now).
+// the next k step in flight explicitly (left to the compiler's scheduling now). For float32,
+// whether the tf32 rounding's instructions limit issue (truncating instead costs none),
+// and a deeper k block (BK = 32 floats, 128-byte rows).
 
 #include <atomic>
 #include <cstdint>
@@ -122,7 +147,6 @@ namespace {
 
 constexpr int kBlockM = 128;
 constexpr int kBlockN = 128;
-constexpr int kBlockK = 32;
 constexpr int kStages = 4;
 constexpr int kGroupM = 8;        // tile-rows per group of the tile order
 constexpr int kThreads = 256;
@@ -133,16 +157,31 @@ constexpr int kWarpTileM = kBlockM / kWarpsM;  // 64
 constexpr int kWarpTileN = kBlockN / kWarpsN;  // 32
 constexpr int kMmaM = 16;
 constexpr int kMmaN = 8;
-constexpr int kMmaK = 16;
 constexpr int kFragsM = kWarpTileM / kMmaM;    // 4 A fragments per k step
 constexpr int kFragsN = kWarpTileN / kMmaN;    // 4 B fragments per k step
-constexpr int kChunkElems = 8;                 // 16-bit elements per 16-byte chunk
 constexpr int kChunkBytes = 16;
 
-// Both operand tiles are 128 (M or N) x 32 (k) 16-bit elements.
+// The k extents depend on the element size; the bytes do not. A K-major stage row is
+// kKChunks = 4 chunks (64 bytes) and an mma step reads 32 bytes of it.
+constexpr int kKChunks = 4;                    // 16-byte chunks per K-major row of a stage
+constexpr int kKSteps = 2;                     // mma k steps per stage (32 bytes of k each)
+template <typename T>
+__host__ __device__ constexpr int chunk_elems() {  // elements per chunk: 8, or 4 (float32)
+  return kChunkBytes / static_cast<int>(sizeof(T));
+}
+template <typename T>
+__host__ __device__ constexpr int block_k() {      // k per stage: 32, or 16 (float32)
+  return kKChunks * chunk_elems<T>();
+}
+template <typename T>
+__host__ __device__ constexpr int mma_k() {        // k per mma: 16, or 8 (tf32)
+  return block_k<T>() / kKSteps;
+}
+
+// Both operand tiles are 128 (M or N) x block_k (k) elements, 8 KB.
 constexpr int kTileRows = 128;
 static_assert(kBlockM == kTileRows && kBlockN == kTileRows, "A and B tiles share one shape");
-constexpr int kOperandBytes = kTileRows * kBlockK * 2;               // 8 KB
+constexpr int kOperandBytes = kTileRows * kKChunks * kChunkBytes;    // 8 KB
 constexpr int kStageBytes = 2 * kOperandBytes;                       // A, then B
 constexpr int kPipelineBytes = kStages * kStageBytes;                // 64 KB
 constexpr int kTileLd = kBlockN + kTilePad;                          // staging row stride
@@ -152,28 +191,36 @@ constexpr int kSmemBytes = kPipelineBytes > kStagingBytes ? kPipelineBytes : kSt
 constexpr int kChunksPerTile = kOperandBytes / kChunkBytes;          // 512
 constexpr int kChunksPerThread = kChunksPerTile / kThreads;          // 2
 static_assert(kChunksPerThread * kThreads == kChunksPerTile, "chunks split evenly");
-constexpr int kKChunks = kBlockK / kChunkElems;                      // 4 per K-major row
-constexpr int kRowChunks = kTileRows / kChunkElems;                  // 16 per MN-major k-row
+// MN-major tiles (16-bit types only): 32 k-rows of 128 elements, 16 chunks each.
+constexpr int kRowChunks = kTileRows / chunk_elems<__half>();        // 16 per MN-major k-row
 static_assert(kKChunks == 4 && kRowChunks == 16, "the swizzles below assume these");
 // The second chunk of a thread lies this many rows (K-major) or k (MN-major) past its first.
 constexpr int kKMajorRowStep = kThreads / kKChunks;                  // 64
 constexpr int kMnMajorKStep = kThreads / kRowChunks;                 // 16
 static_assert(kKMajorRowStep * kKChunks * kChunksPerThread == kTileRows * kKChunks, "");
-static_assert(kMnMajorKStep * kChunksPerThread == kBlockK, "");
+static_assert(kMnMajorKStep * kChunksPerThread == block_k<__half>(), "");
+static_assert(kRowChunks * kChunkBytes * block_k<__half>() == kOperandBytes, "");
+static_assert(mma_k<__half>() == 16 && mma_k<float>() == 8, "m16n8k16, m16n8k8 (tf32)");
+
+// MN-major operands are 16-bit only: ldmatrix.trans transposes 16-bit elements.
+template <typename T, bool kMnMajor>
+constexpr bool kLayoutSupported = !kMnMajor || sizeof(T) == 2;
 
 // ---- Index arithmetic (__host__ too, so that it can be checked on the host) ----
 
 // The byte offset in an operand tile of the 16-byte chunk whose first element is at tile
-// coordinate (row, k): row in [0, 128) along M or N, k in [0, 32). For K-major tiles k is a
-// multiple of 8 (the chunk runs along k); for MN-major tiles row is (the chunk runs along row).
-template <bool kMnMajor>
+// coordinate (row, k): row in [0, 128) along M or N, k in [0, block_k). For K-major tiles k is
+// a multiple of chunk_elems (the chunk runs along k); for MN-major tiles row is (the chunk
+// runs along row).
+template <typename T, bool kMnMajor>
 __host__ __device__ __forceinline__ uint32_t smem_chunk_offset(int row, int k) {
+  static_assert(kLayoutSupported<T, kMnMajor>, "MN-major operands are 16-bit");
   if constexpr (kMnMajor) {
     return static_cast<uint32_t>(k * (kRowChunks * kChunkBytes) +
-                                 (((row / kChunkElems) ^ (k % 8)) * kChunkBytes));
+                                 (((row / chunk_elems<T>()) ^ (k % 8)) * kChunkBytes));
   } else {
     return static_cast<uint32_t>(row * (kKChunks * kChunkBytes) +
-                                 (((k / kChunkElems) ^ ((row / 2) % 4)) * kChunkBytes));
+                                 (((k / chunk_elems<T>()) ^ ((row / 2) % 4)) * kChunkBytes));
   }
 }
 
@@ -183,43 +230,47 @@ struct TileCoord {
 };
 
 // The tile coordinate of the first element of chunk i (0 or 1) that `thread` copies.
-template <bool kMnMajor>
+template <typename T, bool kMnMajor>
 __host__ __device__ __forceinline__ TileCoord copy_coord(int thread, int i) {
+  static_assert(kLayoutSupported<T, kMnMajor>, "MN-major operands are 16-bit");
   if constexpr (kMnMajor) {
-    return {(thread % kRowChunks) * kChunkElems, thread / kRowChunks + i * kMnMajorKStep};
+    return {(thread % kRowChunks) * chunk_elems<T>(), thread / kRowChunks + i * kMnMajorKStep};
   } else {
-    return {thread / kKChunks + i * kKMajorRowStep, (thread % kKChunks) * kChunkElems};
+    return {thread / kKChunks + i * kKMajorRowStep, (thread % kKChunks) * chunk_elems<T>()};
   }
 }
 
 // The tile coordinate of the first element of the 16-byte row that `lane` points ldmatrix.x4
-// at, for the 16 (rows) x 16 (k) block starting at (row16, k16). Matrix i = lane / 8 is the
-// 8 x 8 quarter at row half rh and k half kh, with (rh, kh) = (i % 2, i / 2) for A and
-// (i / 2, i % 2) for B (kBOrder). See the top comment.
-template <bool kMnMajor, bool kBOrder>
-__host__ __device__ __forceinline__ TileCoord ldmatrix_coord(int lane, int row16, int k16) {
+// at, for the block of 16 rows x one mma step of k (32 bytes) starting at (row16, k0). Matrix
+// i = lane / 8 is the quarter at row half rh and k half kh, with (rh, kh) = (i % 2, i / 2)
+// for A and (i / 2, i % 2) for B (kBOrder). See the top comment.
+template <typename T, bool kMnMajor, bool kBOrder>
+__host__ __device__ __forceinline__ TileCoord ldmatrix_coord(int lane, int row16, int k0) {
+  static_assert(kLayoutSupported<T, kMnMajor>, "MN-major operands are 16-bit");
   const int matrix = lane / 8;
   const int rh = kBOrder ? matrix / 2 : matrix % 2;
   const int kh = kBOrder ? matrix % 2 : matrix / 2;
   if constexpr (kMnMajor) {  // the 8 lanes of a matrix point at its 8 k-rows
-    return {row16 + 8 * rh, k16 + 8 * kh + lane % 8};
-  } else {                   // ... at its 8 rows
-    return {row16 + 8 * rh + lane % 8, k16 + 8 * kh};
+    return {row16 + 8 * rh, k0 + 8 * kh + lane % 8};
+  } else {                   // ... at its 8 rows (a k half is one chunk)
+    return {row16 + 8 * rh + lane % 8, k0 + chunk_elems<T>() * kh};
   }
 }
 
-// The same offset for block f (rows row16 + 16 f) at k step kk (k16 = 16 kk), from the one
+// The same offset for block f (rows row16 + 16 f) at k step kk (k0 = mma_k kk), from the one
 // for block 0 at step 0. K-major: 16 rows further is 1024 bytes and keeps (row / 2) % 4;
-// the next 16 k flip bit 1 of the k-chunk index, i.e. bit 5 of the offset. MN-major: 16
-// k-rows further is 4096 bytes and keeps k % 8; the next block flips bit 1 or 2 of the
-// row-chunk index (bits 5, 6), which the starting chunk index leaves clear (f < 4 for A,
-// whose warps start at rows 0 or 64; f < 2 for B, whose warps start at multiples of 32).
-// Equal to smem_chunk_offset(ldmatrix_coord(lane, row16 + 16 f, 16 kk)) for every lane.
-template <bool kMnMajor>
+// the next step (32 bytes further) flips bit 1 of the k-chunk index, i.e. bit 5 of the
+// offset. MN-major: 16 k-rows further is 4096 bytes and keeps k % 8; the next block flips
+// bit 1 or 2 of the row-chunk index (bits 5, 6), which the starting chunk index leaves
+// clear (f < 4 for A, whose warps start at rows 0 or 64; f < 2 for B, whose warps start at
+// multiples of 32). Equal to smem_chunk_offset(ldmatrix_coord(lane, row16 + 16 f, mma_k kk))
+// for every lane.
+template <typename T, bool kMnMajor>
 __host__ __device__ __forceinline__ uint32_t ldmatrix_offset(uint32_t offset0, int f, int kk) {
+  static_assert(kLayoutSupported<T, kMnMajor>, "MN-major operands are 16-bit");
   if constexpr (kMnMajor) {
     return (offset0 ^ static_cast<uint32_t>(f * 2 * kChunkBytes)) +
-           static_cast<uint32_t>(kk * kMmaK * kRowChunks * kChunkBytes);
+           static_cast<uint32_t>(kk * mma_k<T>() * kRowChunks * kChunkBytes);
   } else {
     return (offset0 ^ static_cast<uint32_t>(kk * 2 * kChunkBytes)) +
            static_cast<uint32_t>(f * kMmaM * kKChunks * kChunkBytes);
@@ -227,13 +278,14 @@ __host__ __device__ __forceinline__ uint32_t ldmatrix_offset(uint32_t offset0, i
 }
 
 // The bytes of the 16-byte chunk whose first element is operand element (row, k) that lie
-// inside the operand (`rows` x `depth`): a multiple of 2 in [0, 16].
-template <bool kMnMajor>
+// inside the operand (`rows` x `depth`): a multiple of sizeof(T) in [0, 16].
+template <typename T, bool kMnMajor>
 __host__ __device__ __forceinline__ uint32_t chunk_valid_bytes(int64_t row, int64_t k,
                                                                int64_t rows, int64_t depth) {
   if (row >= rows || k >= depth) return 0;
   const int64_t left = kMnMajor ? rows - row : depth - k;  // elements along the chunk
-  return static_cast<uint32_t>((left < kChunkElems ? left : kChunkElems) * 2);
+  return static_cast<uint32_t>((left < chunk_elems<T>() ? left : chunk_elems<T>()) *
+                               static_cast<int64_t>(sizeof(T)));
 }
 
 // The element offset of operand element (row, k).
@@ -270,15 +322,15 @@ __host__ __device__ __forceinline__ int warp_tile_col(int warp) {
 // step 0 (ldmatrix_offset derives the others), and which register of B's ldmatrix j holds
 // b-register r (0, 1) of n8 block fn = 2 j + (0 or 1): with the B matrix order, block 2j
 // is registers 0, 1 and block 2j + 1 registers 2, 3, adjacent pairs as HMMA wants them.
-template <bool kMnMajor>
+template <typename T, bool kMnMajor>
 __host__ __device__ __forceinline__ uint32_t a_ldmatrix_offset0(int lane, int warp) {
-  const TileCoord at = ldmatrix_coord<kMnMajor, false>(lane, warp_tile_row(warp), 0);
-  return smem_chunk_offset<kMnMajor>(at.row, at.k);
+  const TileCoord at = ldmatrix_coord<T, kMnMajor, false>(lane, warp_tile_row(warp), 0);
+  return smem_chunk_offset<T, kMnMajor>(at.row, at.k);
 }
-template <bool kMnMajor>
+template <typename T, bool kMnMajor>
 __host__ __device__ __forceinline__ uint32_t b_ldmatrix_offset0(int lane, int warp) {
-  const TileCoord at = ldmatrix_coord<kMnMajor, true>(lane, warp_tile_col(warp), 0);
-  return smem_chunk_offset<kMnMajor>(at.row, at.k);
+  const TileCoord at = ldmatrix_coord<T, kMnMajor, true>(lane, warp_tile_col(warp), 0);
+  return smem_chunk_offset<T, kMnMajor>(at.row, at.k);
 }
 __host__ __device__ constexpr int b_ldmatrix_reg(int fn, int r) { return 2 * (fn % 2) + r; }
 
@@ -329,18 +381,34 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   }
 }
 
-// c (16 x 8, float32) += a (16 x 16) b (16 x 8), fragments as in the top comment.
+// float32 bits to tf32 bits, rounded to nearest with ties away from zero (the tensor cores
+// would otherwise ignore the low 13 mantissa bits, i.e. truncate). Inf and NaN pass through.
+__device__ __forceinline__ uint32_t to_tf32(uint32_t bits) {
+  uint32_t tf32;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(tf32) : "r"(bits));
+  return tf32;
+}
+
+// One mma step, c (16 x 8, float32) += a b, fragments as in the top comment: m16n8k16 for the
+// 16-bit types (a 16 x 16, b 16 x 8), m16n8k8 tf32 for float32 (a 16 x 8, b 8 x 8; the
+// registers already hold tf32 bits).
 template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4],
-                                             uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_step(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else if constexpr (std::is_same_v<T, float>) {
+    asm(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
-    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16");
+    static_assert(std::is_same_v<T, __half>, "float16, bfloat16 or float32");
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -367,12 +435,12 @@ struct OperandLoader {
   __host__ __device__ __forceinline__ OperandLoader(const GemmOperand& op, int64_t rows,
                                                     int64_t row0, int thread)
       : operand(op) {
-    const TileCoord first = copy_coord<kMnMajor>(thread, 0);
-    const TileCoord next = copy_coord<kMnMajor>(thread, 1);
+    const TileCoord first = copy_coord<T, kMnMajor>(thread, 0);
+    const TileCoord next = copy_coord<T, kMnMajor>(thread, 1);
     src = base() + element_offset<kMnMajor>(row0 + first.row, first.k, operand.ld);
     along = first.k;
     if constexpr (kMnMajor) {
-      fixed = chunk_valid_bytes<kMnMajor>(row0 + first.row, 0, rows, 1);
+      fixed = chunk_valid_bytes<T, kMnMajor>(row0 + first.row, 0, rows, 1);
     } else {
       fixed = (row0 + first.row < rows ? 1u : 0u) | (row0 + next.row < rows ? 2u : 0u);
     }
@@ -390,7 +458,9 @@ struct OperandLoader {
       bytes = along + i * kMnMajorKStep < k_left ? fixed : 0u;
     } else {
       const int left = k_left - along;
-      const uint32_t along_k = left <= 0 ? 0u : left >= kChunkElems ? 16u : 2u * left;
+      const uint32_t along_k = left <= 0                 ? 0u
+                               : left >= chunk_elems<T>() ? 16u
+                                                          : static_cast<uint32_t>(left * sizeof(T));
       bytes = (fixed >> i) & 1u ? along_k : 0u;
     }
     // Chunk i lies 64 rows (K-major) or 16 k (MN-major) past chunk 0.
@@ -402,7 +472,7 @@ struct OperandLoader {
   }
 
   __host__ __device__ __forceinline__ void advance() {
-    src += element_offset<kMnMajor>(0, kBlockK, operand.ld);
+    src += element_offset<kMnMajor>(0, block_k<T>(), operand.ld);
   }
 
   // Issues the copies of the next block into the operand tile at shared address `tile`.
@@ -412,8 +482,8 @@ struct OperandLoader {
       const T* from;
       uint32_t bytes;
       chunk(i, k_left, from, bytes);
-      const TileCoord at = copy_coord<kMnMajor>(thread, i);
-      cp_async_16(tile + smem_chunk_offset<kMnMajor>(at.row, at.k), from, bytes);
+      const TileCoord at = copy_coord<T, kMnMajor>(thread, i);
+      cp_async_16(tile + smem_chunk_offset<T, kMnMajor>(at.row, at.k), from, bytes);
     }
     advance();
   }
@@ -422,6 +492,8 @@ struct OperandLoader {
 template <typename T, bool kAMnMajor, bool kBMnMajor>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     gemm_sm80_kernel(const __grid_constant__ GemmParams params, const bool vectorizable) {
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int kBlockK = block_k<T>();
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
@@ -465,8 +537,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
   }
 
-  const uint32_t a_offset0 = a_ldmatrix_offset0<kAMnMajor>(lane, warp);
-  const uint32_t b_offset0 = b_ldmatrix_offset0<kBMnMajor>(lane, warp);
+  const uint32_t a_offset0 = a_ldmatrix_offset0<T, kAMnMajor>(lane, warp);
+  const uint32_t b_offset0 = b_ldmatrix_offset0<T, kBMnMajor>(lane, warp);
 
   int read_stage = 0;
   int write_stage = kStages - 1;
@@ -480,23 +552,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const uint32_t a_tile = smem_base + read_stage * kStageBytes;
     const uint32_t b_tile = a_tile + kOperandBytes;
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / kMmaK; ++kk) {
+    for (int kk = 0; kk < kKSteps; ++kk) {
       uint32_t a[kFragsM][4];
       uint32_t b[kFragsN / 2][4];  // ldmatrix j: n8 blocks 2j and 2j + 1
 #pragma unroll
       for (int fm = 0; fm < kFragsM; ++fm) {
-        ldmatrix_x4<kAMnMajor>(a[fm], a_tile + ldmatrix_offset<kAMnMajor>(a_offset0, fm, kk));
+        ldmatrix_x4<kAMnMajor>(a[fm],
+                               a_tile + ldmatrix_offset<T, kAMnMajor>(a_offset0, fm, kk));
       }
 #pragma unroll
       for (int j = 0; j < kFragsN / 2; ++j) {
-        ldmatrix_x4<kBMnMajor>(b[j], b_tile + ldmatrix_offset<kBMnMajor>(b_offset0, j, kk));
+        ldmatrix_x4<kBMnMajor>(b[j], b_tile + ldmatrix_offset<T, kBMnMajor>(b_offset0, j, kk));
+      }
+      if constexpr (kTf32) {  // once per loaded register: 16 + 8 per step
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+#pragma unroll
+          for (int fm = 0; fm < kFragsM; ++fm) a[fm][r] = to_tf32(a[fm][r]);
+#pragma unroll
+          for (int j = 0; j < kFragsN / 2; ++j) b[j][r] = to_tf32(b[j][r]);
+        }
       }
 #pragma unroll
       for (int fm = 0; fm < kFragsM; ++fm) {
 #pragma unroll
         for (int fn = 0; fn < kFragsN; ++fn) {
-          mma_m16n8k16<T>(acc[fm][fn], a[fm], b[fn / 2][b_ldmatrix_reg(fn, 0)],
-                          b[fn / 2][b_ldmatrix_reg(fn, 1)]);
+          mma_step<T>(acc[fm][fn], a[fm], b[fn / 2][b_ldmatrix_reg(fn, 0)],
+                      b[fn / 2][b_ldmatrix_reg(fn, 1)]);
         }
       }
     }
@@ -553,15 +635,20 @@ cudaError_t launch(const GemmParams& params, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The instantiations, all in one place: 2 dtypes x 4 operand majors [a.mn_major][b.mn_major].
-// Used: (K, K) forward, (K, MN) grad_input, (MN, MN) grad_weight; (MN, K) for completeness.
+// The instantiations, all in one place: [type][a.mn_major][b.mn_major]. For the 16-bit types
+// all 4 operand majors: (K, K) forward, (K, MN) grad_input, (MN, MN) grad_weight; (MN, K) for
+// completeness. For float32 (tf32) only (K, K): a null entry is refused.
 using Launcher = cudaError_t (*)(const GemmParams&, cudaStream_t);
-constexpr Launcher kHalfLaunchers[2][2] = {
-    {launch<__half, false, false>, launch<__half, false, true>},
-    {launch<__half, true, false>, launch<__half, true, true>}};
-constexpr Launcher kBFloat16Launchers[2][2] = {
-    {launch<__nv_bfloat16, false, false>, launch<__nv_bfloat16, false, true>},
-    {launch<__nv_bfloat16, true, false>, launch<__nv_bfloat16, true, true>}};
+constexpr Launcher kLaunchers[3][2][2] = {
+    {{launch<__half, false, false>, launch<__half, false, true>},                  // kFloat16
+     {launch<__half, true, false>, launch<__half, true, true>}},
+    {{launch<__nv_bfloat16, false, false>, launch<__nv_bfloat16, false, true>},    // kBFloat16
+     {launch<__nv_bfloat16, true, false>, launch<__nv_bfloat16, true, true>}},
+    {{launch<float, false, false>, nullptr}, {nullptr, nullptr}}};                 // kFloat32
+static_assert(static_cast<int>(GemmType::kFloat16) == 0 &&
+                  static_cast<int>(GemmType::kBFloat16) == 1 &&
+                  static_cast<int>(GemmType::kFloat32) == 2,
+              "kLaunchers is indexed by GemmType");
 
 bool operand_ok(const GemmOperand& operand) {
   return operand.data != nullptr && reinterpret_cast<uintptr_t>(operand.data) % 16 == 0 &&
@@ -570,7 +657,10 @@ bool operand_ok(const GemmOperand& operand) {
 
 bool params_ok(const GemmParams& p) {
   if (p.m < 1 || p.n < 1 || p.k < 1 || p.m > INT32_MAX || p.n > INT32_MAX) return false;
-  if (p.type != GemmType::kFloat16 && p.type != GemmType::kBFloat16) return false;
+  if (p.type != GemmType::kFloat16 && p.type != GemmType::kBFloat16 &&
+      p.type != GemmType::kFloat32) {
+    return false;
+  }
   if (static_cast<int>(p.activation) < static_cast<int>(Activation::kNone) ||
       static_cast<int>(p.activation) > static_cast<int>(Activation::kSilu)) {
     return false;
@@ -590,10 +680,11 @@ bool params_ok(const GemmParams& p) {
 
 cudaError_t gemm_sm80(const GemmParams& params, cudaStream_t stream) {
   if (!params_ok(params)) return cudaErrorInvalidValue;
-  const int a = params.a.mn_major ? 1 : 0;
-  const int b = params.b.mn_major ? 1 : 0;
-  return params.type == GemmType::kBFloat16 ? kBFloat16Launchers[a][b](params, stream)
-                                            : kHalfLaunchers[a][b](params, stream);
+  const Launcher launcher = kLaunchers[static_cast<int>(params.type)][params.a.mn_major ? 1 : 0]
+                                      [params.b.mn_major ? 1 : 0];
+  // Float32 with an MN-major operand: the caller makes K-major copies (gemm.h).
+  if (launcher == nullptr) return cudaErrorInvalidValue;
+  return launcher(params, stream);
 }
 
 }  // namespace fusedops

@@ -1,9 +1,12 @@
 // gemm_sm90.cu — the sm_90a GEMM with fused epilogue: TMA, wgmma, a warp-specialized
 // pipeline and a persistent tile scheduler.
 //
-// The math is gemm.h's: out = act(A @ B^T + bias + residual), float32 accumulation.
+// The math is gemm.h's: out = act(A @ B^T + bias + residual), float32 accumulation, for
+// float16 and bfloat16 operands (wgmma k16) and float32 ones multiplied in tf32 (k8; the
+// tensor cores read the top 19 bits of each float32, i.e. truncate to tf32).
 //
-// The work: the (m, n) output is cut in 128 x 128 tiles, visited in a grouped order (8
+// The work: the (m, n) output is cut in 128 x 128 tiles (K blocks of 128 bytes: 64 16-bit
+// or 32 float32 elements, so the shared-memory geometry is the same for every type), visited in a grouped order (8
 // tile-rows at a time, so the B tiles of a group stay in L2 while its A tiles stream). One
 // persistent CTA per SM walks the tiles blockIdx.x, blockIdx.x + gridDim.x, ...
 //
@@ -15,7 +18,7 @@
 //     written all 32 KB. TMA zero-fills what lies outside the matrices, so ragged m, n and k
 //     need no masking in the main loop.
 //   * Two consumers (warpgroups 0 and 1) each own 64 rows of the tile: per K block they wait
-//     for the stage to be full, issue four wgmma m64n128k16 (64 float32 accumulators per
+//     for the stage to be full, issue four wgmma m64n128k16 (k8 for tf32; 64 float32 accumulators per
 //     thread), commit, and once the previous block's group has retired (wait_group 1) mark
 //     that block's stage empty — so one group of MMAs is always in flight while the next
 //     stage's wait is resolved.
@@ -48,12 +51,23 @@
 #include "epilogue.cuh"
 #include "gemm.h"
 
+// The sm_80 and compute_80 passes compile the kernel body out (FUSEDOPS_SM90A_ENABLED), which
+// leaves the constants and helpers below unused there: not worth a warning per pass.
+#pragma nv_diag_suppress 177
+
 namespace fusedops {
 namespace {
 
 constexpr int kBlockM = 128;
 constexpr int kBlockN = 128;
-constexpr int kBlockK = 64;            // 64 16-bit elements: one 128-byte swizzled row
+constexpr int kRowBytes = 128;         // one 128-byte swizzled row of k per operand row
+constexpr int kStepBytes = 32;         // the k of one wgmma: 16 16-bit or 8 float32 elements
+
+// The K block of a stage, in elements: 64 for 16-bit types, 32 for float32 (tf32).
+template <typename T>
+__host__ __device__ constexpr int block_k() {
+  return kRowBytes / static_cast<int>(sizeof(T));
+}
 constexpr int kStages = 4;
 constexpr int kGroupM = 8;             // tile-rows per group of the tile order
 constexpr int kWarpgroupThreads = 128;
@@ -64,7 +78,7 @@ constexpr int kProducerRegisters = 40;
 constexpr int kConsumerRegisters = 232;  // 2 x 232 + 40 = 504 <= 512 per lane across 3 groups
 
 constexpr int kBoxBytes = 64 * 64 * 2;              // one 64 x 64 TMA box, 8 KB
-constexpr int kOperandBytes = kBlockM * kBlockK * 2;  // one operand's stage, 16 KB
+constexpr int kOperandBytes = kBlockM * kRowBytes;     // one operand's stage, 16 KB
 static_assert(kBlockM == kBlockN, "both operands' stages have the same size");
 constexpr int kStageBytes = 2 * kOperandBytes;
 constexpr int kTileLd = kBlockN + kTilePad;
@@ -106,15 +120,17 @@ template <bool kMnMajor>
 __device__ __forceinline__ uint64_t operand_descriptor(const uint8_t* stage, int row_offset,
                                                        int kk) {
   if constexpr (kMnMajor) {
-    return hopper::smem_descriptor(stage + (row_offset / 64) * kBoxBytes + kk * 16 * 128,
+    return hopper::smem_descriptor(stage + (row_offset / 64) * kBoxBytes + kk * 16 * kRowBytes,
                                    /*leading_bytes=*/kBoxBytes, /*stride_bytes=*/1024);
   } else {
-    return hopper::smem_descriptor(stage + row_offset * 128 + kk * 32, /*leading_bytes=*/16,
+    return hopper::smem_descriptor(stage + row_offset * kRowBytes + kk * kStepBytes,
+                                   /*leading_bytes=*/16,
                                    /*stride_bytes=*/1024);
   }
 }
 
-// d (64 x 128 float32 of one warpgroup) (+)= A_tile(64 x 16) @ B_tile(128 x 16)^T.
+// d (64 x 128 float32 of one warpgroup) (+)= A_tile(64 x 32 bytes of k) @ B_tile(128 x 32
+// bytes of k)^T: k16 for 16-bit types, k8 for tf32.
 template <typename T, bool kAMnMajor, bool kBMnMajor>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a,
                                                  uint64_t desc_b, uint32_t accumulate) {
@@ -139,6 +155,24 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+  } else if constexpr (std::is_same_v<T, float>) {  // tf32: K-major operands only
+    asm volatile(
+        "{\n"
+        ".reg .pred accumulate;\n"
+        "setp.ne.b32 accumulate, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, accumulate, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
   } else {
     asm volatile(
         "{\n"
@@ -191,6 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t tiles_m = (params.m + kBlockM - 1) / kBlockM;
   const int64_t tiles_n = (params.n + kBlockN - 1) / kBlockN;
   const int64_t num_tiles = tiles_m * tiles_n;
+  constexpr int kBlockK = block_k<T>();
   const int k_blocks = static_cast<int>((params.k + kBlockK - 1) / kBlockK);
 
   if (warpgroup == kConsumers) {
@@ -240,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint8_t* b_stage = a_stage + kOperandBytes;
       hopper::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kBlockK / 16; ++kk) {
+      for (int kk = 0; kk < kRowBytes / kStepBytes; ++kk) {
         wgmma_m64n128k16<T, kAMnMajor, kBMnMajor>(
             d, operand_descriptor<kAMnMajor>(a_stage, warpgroup * kConsumerRows, kk),
             operand_descriptor<kBMnMajor>(b_stage, 0, kk), (kb > 0 || kk > 0) ? 1u : 0u);
@@ -287,6 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T>
 constexpr CUtensorMapDataType tensor_map_type() {
+  if constexpr (std::is_same_v<T, float>) return CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
   return std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                           : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
@@ -295,12 +331,13 @@ constexpr CUtensorMapDataType tensor_map_type() {
 template <typename T>
 cudaError_t operand_tensor_map(CUtensorMap* map, const GemmOperand& operand, int64_t rows,
                                int64_t k) {
-  if (operand.mn_major) {
-    return make_tensor_map_2d(map, operand.data, tensor_map_type<T>(), 2, rows, k, operand.ld,
-                              64, kBlockK);
+  constexpr int kBytes = static_cast<int>(sizeof(T));
+  if (operand.mn_major) {  // boxes of 64 elements along M/N (128 bytes) x one K block
+    return make_tensor_map_2d(map, operand.data, tensor_map_type<T>(), kBytes, rows, k,
+                              operand.ld, kRowBytes / kBytes, block_k<T>());
   }
-  return make_tensor_map_2d(map, operand.data, tensor_map_type<T>(), 2, k, rows, operand.ld,
-                            kBlockK, kBlockM);
+  return make_tensor_map_2d(map, operand.data, tensor_map_type<T>(), kBytes, k, rows,
+                            operand.ld, block_k<T>(), kBlockM);
 }
 
 int multiprocessor_count(int device) {
@@ -340,12 +377,16 @@ cudaError_t launch(const GemmParams& params, int device, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_for_majors(const GemmParams& params, int device, cudaStream_t stream) {
-  if (params.a.mn_major) {
+  if constexpr (std::is_same_v<T, float>) {  // wgmma has no transposed tf32 operand
+    if (params.a.mn_major || params.b.mn_major) return cudaErrorInvalidValue;
+    return launch<float, false, false>(params, device, stream);
+  } else if (params.a.mn_major) {
     return params.b.mn_major ? launch<T, true, true>(params, device, stream)
                              : launch<T, true, false>(params, device, stream);
+  } else {
+    return params.b.mn_major ? launch<T, false, true>(params, device, stream)
+                             : launch<T, false, false>(params, device, stream);
   }
-  return params.b.mn_major ? launch<T, false, true>(params, device, stream)
-                           : launch<T, false, false>(params, device, stream);
 }
 
 }  // namespace
@@ -382,9 +423,12 @@ cudaError_t gemm_sm90(const GemmParams& params, int device, cudaStream_t stream)
   if (params.k > INT32_MAX || params.m > INT32_MAX || params.n > INT32_MAX) {
     return cudaErrorInvalidValue;  // TMA coordinates are 32-bit
   }
-  return params.type == GemmType::kBFloat16
-             ? launch_for_majors<__nv_bfloat16>(params, device, stream)
-             : launch_for_majors<__half>(params, device, stream);
+  switch (params.type) {
+    case GemmType::kBFloat16: return launch_for_majors<__nv_bfloat16>(params, device, stream);
+    case GemmType::kFloat16: return launch_for_majors<__half>(params, device, stream);
+    case GemmType::kFloat32: return launch_for_majors<float>(params, device, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace fusedops

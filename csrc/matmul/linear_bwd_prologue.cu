@@ -7,6 +7,9 @@
 //   dz[i, j]     = d[i, j] rounded to the storage type    (when dz != nullptr)
 //   grad_bias[j] = sum_i d[i, j]                          in float32 (when grad_bias != nullptr)
 //
+// T is __half, __nv_bfloat16 or float (GemmType::kFloat32). For float, "rounded to the
+// storage type" is the identity: dz is the float32 product d itself, and kNone copies.
+//
 // act' is activation_derivative (activation.cuh): from the pre-activation z, or for kRelu from
 // the forward's output (relu'(z) = [out > 0]). The product is written as __fmul_rn so that
 // it is never contracted into the accumulation (an FMA would sum the exact product rather
@@ -18,8 +21,9 @@
 // gradient where out <= 0 gives NaN (torch's threshold_backward would give 0 there).
 //
 // The design. The op is memory-bound: per element it reads 2 bytes (grad_out; kNone) or 4
-// (grad_out and saved) and writes 2 (dz), with a few dozen FLOPs at most (erff and expf for
-// kGelu, which is close to the balance point on an H100; the others are well below it).
+// (grad_out and saved) and writes 2 (dz), twice that for float, with a few dozen FLOPs at
+// most (erff and expf for kGelu, which is close to the balance point on an H100 for half/bf16;
+// the others, and float, are well below it).
 // So every element is touched exactly once, in 16-byte vectors, and the bias reduction
 // rides along in registers instead of a second pass over an (m, n) tensor:
 //
@@ -27,11 +31,12 @@
 //             blockIdx.y = a block of kRows = 128 rows (a grid-stride loop when there are
 //             more than 65535 row blocks). Block = (col_threads, row_threads) threads,
 //             col_threads * row_threads = 128; each thread owns one run of 8 columns
-//             (one 16-byte vector of half/bf16) and the rows rt, rt + row_threads, ... of
-//             the block's 128. A warp of 32 column threads covers 512 contiguous bytes of a
-//             row: coalesced. Each thread issues the loads of kUnroll = 2 rows before using
-//             them, keeps 8 float32 column sums in registers, writes dz, and at the end of
-//             the row block the 128 threads combine their sums through shared memory:
+//             (one 16-byte vector of half/bf16, two of float) and the rows rt,
+//             rt + row_threads, ... of the block's 128. A warp of 32 column threads covers
+//             512 (1024 for float) contiguous bytes of a row: coalesced. Each thread issues
+//             the loads of kUnroll = 2 rows before using them, keeps 8 float32 column sums
+//             in registers, writes dz, and at the end of the row block the 128 threads
+//             combine their sums through shared memory:
 //             column c of the strip is sum over rt = 0 .. row_threads - 1, in that order.
 //             The result is written to partials[row_block * n + j] (coalesced over j).
 //   kernel 2  linear_bwd_bias_kernel (only with grad_bias): one thread per column adds
@@ -41,7 +46,9 @@
 // a thread keeps the same columns for all its rows and its sums never leave registers until
 // the end of the row block; the only cross-thread step is one 4 KB shared-memory combine per
 // 128 rows. The partials are 4 bytes per column per 128 rows: 1/64 of a bf16 grad_out, so
-// the second pass is cheap (a (16384, 4096) grad_out has 128 x 4096 partials, 2 MB). No
+// the second pass is cheap (a (16384, 4096) grad_out has 128 x 4096 partials, 2 MB). The
+// run is 8 columns for every T (two vectors for float), so the partition, the partials and
+// the order of every sum depend on (m, n) only, never on the type. No
 // atomics anywhere, and every sum is taken in an order that depends only on (m, n): thread
 // rt adds its rows in increasing order, the threads of a column are combined in increasing
 // rt, the row blocks in increasing order. So the same inputs give bitwise the same gradient
@@ -53,9 +60,10 @@
 // the fixed summation order above).
 //
 // Alignment: a run of 8 columns starts at a column that is a multiple of 8, so it is one
-// aligned 16-byte vector in every row when the run is whole (col + 8 <= n) and every tensor
-// touched (grad_out, saved unless kNone, dz when written) has a 16-byte aligned base and a
-// leading dimension that is a multiple of 8 (the host checks this once: `vectorizable`).
+// aligned 16-byte vector (two for float) in every row when the run is whole (col + 8 <= n)
+// and every tensor touched (grad_out, saved unless kNone, dz when written) has a 16-byte
+// aligned base and 16-byte aligned rows: a leading dimension that is a multiple of
+// Vec<T>::kSize, 8 for half/bf16 and 4 for float (the host checks this once: `vectorizable`).
 // Otherwise the thread moves its run element by element, with the same arithmetic and the
 // same summation order, so an unaligned view (an odd leading dimension, a storage offset)
 // is slower but gives bitwise the same result. Only sizeof(T) alignment is required, which
@@ -67,8 +75,11 @@
 // dropped), because loads or arithmetic under a per-row condition let nvcc sink each load
 // into its branch and wait for it before issuing the next one. 128 threads and 5 blocks per
 // SM cap kernel 1 at 96 registers (kGelu and kGeluTanh use them all): 640 threads per SM,
-// each with 2 or 4 16-byte loads in flight, 20 to 40 KB per SM, above what an H100 needs
-// to stay at its bandwidth (about 3.35 TB/s x 0.5 us / 132 SMs ~ 13 KB). 256 threads and 3
+// each with 2 or 4 16-byte loads in flight (4 or 8 for float), 20 to 40 KB per SM (40 to
+// 80 for float), above what an H100 needs to stay at its bandwidth (about 3.35 TB/s x
+// 0.5 us / 132 SMs ~ 13 KB). Those are the loads the source issues together; under the
+// 96-register cap ptxas issues only part of the batch up front in the kGelu/kGeluTanh
+// bodies and the rest as registers free up (as it does for half/bf16 too). 256 threads and 3
 // blocks (80 registers, 768 threads) made ptxas spill in the kGelu body; 2 blocks of 256
 // (128 registers) would leave 512 threads. The activation is a block-uniform switch in one
 // kernel per storage type, so the kernel gets the registers of its heaviest body (kNone
@@ -103,7 +114,8 @@ namespace {
 constexpr int kRows = 128;           // rows per row block: one partial per column per block
 constexpr int kThreads = 128;        // threads per block of kernel 1
 constexpr int kMinBlocksPerSm = 5;   // caps kernel 1 at 96 registers (see the top comment)
-constexpr int kRun = 8;              // columns per thread: one 16-byte vector of half/bf16
+constexpr int kRun = 8;              // columns per thread: one 16-byte vector of half/bf16,
+                                     // two of float
 constexpr int kUnroll = 2;           // rows whose loads a thread issues before using them
 constexpr int kMinColThreads = 4;    // narrowest strip: 32 columns
 constexpr int kMaxColThreads = 32;   // widest strip: 256 columns
@@ -111,8 +123,9 @@ constexpr int64_t kMaxGridY = 65535;
 constexpr int kBiasThreads = 256;    // kernel 2: threads (= columns) per block
 constexpr int kBiasUnroll = 8;       // kernel 2: partials loaded before they are added
 
-static_assert(Vec<__half>::kSize == kRun && Vec<__nv_bfloat16>::kSize == kRun,
-              "a run of columns is one 16-byte vector");
+static_assert(Vec<__half>::kSize == kRun && Vec<__nv_bfloat16>::kSize == kRun &&
+                  kRun == 2 * Vec<float>::kSize,
+              "a run of columns is one 16-byte vector of half/bf16, two of float");
 static_assert(kThreads % kMaxColThreads == 0 && kThreads / kMinColThreads <= kRows,
               "every row thread has at least one row of a full row block");
 
@@ -127,31 +140,54 @@ int col_threads_for(int64_t n) {
   return t;
 }
 
-// The first `valid` elements of the run at p, zeros after them; one 16-byte load when kVector
+// A thread's run of kRun columns of one row as 16-byte vectors: one for half/bf16, two for
+// float (as Run<T> in epilogue.cuh).
+template <typename T>
+struct ColumnRun {
+  static constexpr int kVectors = kRun / Vec<T>::kSize;
+  Vec<T> vec[kVectors];
+  __device__ __forceinline__ T& operator[](int k) {
+    return vec[k / Vec<T>::kSize].v[k % Vec<T>::kSize];
+  }
+  __device__ __forceinline__ const T& operator[](int k) const {
+    return vec[k / Vec<T>::kSize].v[k % Vec<T>::kSize];
+  }
+};
+
+// The first `valid` elements of the run at p, zeros after them; 16-byte loads when kVector
 // (then valid == kRun and p is 16-byte aligned).
 template <bool kVector, typename T>
-__device__ __forceinline__ Vec<T> load_run(const T* p, int valid) {
+__device__ __forceinline__ ColumnRun<T> load_run(const T* p, int valid) {
+  ColumnRun<T> x;
   if constexpr (kVector) {
-    return load_vec(p);
+#pragma unroll
+    for (int i = 0; i < ColumnRun<T>::kVectors; ++i) x.vec[i] = load_vec(p + i * Vec<T>::kSize);
   } else {
-    Vec<T> x;
 #pragma unroll
     for (int k = 0; k < kRun; ++k) {
-      x.v[k] = from_float<T>(0.0f);
-      if (k < valid) x.v[k] = p[k];
+      x[k] = from_float<T>(0.0f);
+      if (k < valid) x[k] = p[k];
     }
-    return x;
   }
+  return x;
 }
 
 __device__ __forceinline__ uint32_t bits(__half x) { return __half_as_ushort(x); }
 __device__ __forceinline__ uint32_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 
 // One 16-byte store of x at p (16-byte aligned). Not store_vec: in this kernel nvcc lowers
-// that aggregate copy (and a plain uint4 store) to four 4-byte stores; st.global.v4.b32 is an
-// STG.E.128 (a plain weak store, as st.global would be; __stwb's .wb became STG.E.128.STRONG.SM).
+// that aggregate copy (and a plain uint4 store) to four 4-byte stores; st.global.v4.b32 (and
+// .v4.f32 for float) is an STG.E.128 (a plain weak store, as st.global would be; __stwb's .wb
+// became STG.E.128.STRONG.SM).
+__device__ __forceinline__ void store_vec_packed(float* p, const Vec<float>& x) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x.v[0]), "f"(x.v[1]),
+               "f"(x.v[2]), "f"(x.v[3])
+               : "memory");
+}
+
 template <typename T>
 __device__ __forceinline__ void store_vec_packed(T* p, const Vec<T>& x) {
+  static_assert(Vec<T>::kSize == 8, "16-bit types: two per 32-bit word");
   uint4 w;
   w.x = bits(x.v[0]) | (bits(x.v[1]) << 16);
   w.y = bits(x.v[2]) | (bits(x.v[3]) << 16);
@@ -163,23 +199,27 @@ __device__ __forceinline__ void store_vec_packed(T* p, const Vec<T>& x) {
 }
 
 template <bool kVector, typename T>
-__device__ __forceinline__ void store_run(T* p, const Vec<T>& x, int valid) {
+__device__ __forceinline__ void store_run(T* p, const ColumnRun<T>& x, int valid) {
   if constexpr (kVector) {
-    store_vec_packed(p, x);
+#pragma unroll
+    for (int i = 0; i < ColumnRun<T>::kVectors; ++i) {
+      store_vec_packed(p + i * Vec<T>::kSize, x.vec[i]);
+    }
   } else {
 #pragma unroll
     for (int k = 0; k < kRun; ++k) {
-      if (k < valid) p[k] = x.v[k];
+      if (k < valid) p[k] = x[k];
     }
   }
 }
 
 // One thread's rows of one row block: rows threadIdx.y, + blockDim.y, ... below `rows`,
 // starting at row0, for the run of `valid` columns at col. Writes dz and adds d into acc,
-// row by row in increasing order. kVector: 16-byte accesses (the run is whole and every
-// row of every tensor is 16-byte aligned at col); otherwise element by element. Both forms
-// compute the same d and add it in the same order. The loads of kUnroll rows are issued
-// together, before any of them is used. rows >= 1.
+// row by row in increasing order. kVector: 16-byte accesses, two per run for float (the run
+// is whole and every row of every tensor is 16-byte aligned at col); otherwise element by
+// element. Both forms compute the same d and add it in the same order. The loads of kUnroll
+// rows are issued together, before any of them is used (in the source; see the top comment
+// for what ptxas makes of it in the heavy bodies). rows >= 1.
 template <typename T, Activation kAct, bool kVector>
 __device__ __forceinline__ void run_rows(const LinearBwdPrologueParams& p, int64_t row0, int rows,
                                          int64_t col, int valid, float (&acc)[kRun]) {
@@ -189,8 +229,8 @@ __device__ __forceinline__ void run_rows(const LinearBwdPrologueParams& p, int64
   const T* saved = static_cast<const T*>(p.saved);
   T* dz = static_cast<T*>(p.dz);
   for (int r0 = threadIdx.y; r0 < rows; r0 += kUnroll * row_threads) {
-    Vec<T> g[kUnroll];
-    Vec<T> s[kUnroll];
+    ColumnRun<T> g[kUnroll];
+    ColumnRun<T> s[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       // A row past the end (only in the last, partial row block) loads the batch's first
@@ -205,15 +245,15 @@ __device__ __forceinline__ void run_rows(const LinearBwdPrologueParams& p, int64
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const bool in_block = r0 + u * row_threads < rows;
-      Vec<T> out;
+      ColumnRun<T> out;
 #pragma unroll
       for (int k = 0; k < kRun; ++k) {
-        const float gk = to_float(g[u].v[k]);
+        const float gk = to_float(g[u][k]);
         float d = gk;
-        if (kUsesSaved) d = __fmul_rn(gk, activation_derivative(to_float(s[u].v[k]), kAct));
+        if (kUsesSaved) d = __fmul_rn(gk, activation_derivative(to_float(s[u][k]), kAct));
         // Columns k >= valid add 0 (zero-filled) and are never written.
         if (in_block) acc[k] += d;
-        out.v[k] = kUsesSaved ? from_float<T>(d) : g[u].v[k];  // kNone: an exact copy
+        out[k] = kUsesSaved ? from_float<T>(d) : g[u][k];  // kNone: an exact copy
       }
       if (in_block && dz != nullptr) {
         store_run<kVector>(dz + (row0 + r0 + u * row_threads) * p.ld_dz + col, out, valid);
@@ -225,7 +265,7 @@ __device__ __forceinline__ void run_rows(const LinearBwdPrologueParams& p, int64
 // Kernel 1's work for one activation (a compile-time constant, so act' is inlined without a
 // switch per element). `scratch` holds kThreads * kRun floats of shared memory.
 // `vectorizable`: every tensor touched has a 16-byte aligned base and a leading dimension
-// that is a multiple of 8 (or one row), so every whole run is one aligned vector.
+// that is a multiple of Vec<T>::kSize (or one row), so every whole run is aligned vectors.
 template <typename T, Activation kAct>
 __device__ __forceinline__ void prologue_body(const LinearBwdPrologueParams& p, bool vectorizable,
                                               float* scratch) {
@@ -279,7 +319,8 @@ __device__ __forceinline__ void prologue_body(const LinearBwdPrologueParams& p, 
 
 // The kernels live in namespace fusedops (not the anonymous namespace) so that profilers and
 // tools/check_sass.py see stable names. The activation is a block-uniform switch over five
-// specialised bodies: two instantiations (the storage types) instead of ten.
+// specialised bodies: three instantiations (the storage types, dispatched in
+// linear_bwd_prologue below) instead of fifteen.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     linear_bwd_prologue_kernel(const LinearBwdPrologueParams p, bool vectorizable) {
@@ -333,7 +374,10 @@ bool aligned_to(const void* p, size_t bytes) {
 // The documented ranges; called before anything is launched.
 bool args_ok(const LinearBwdPrologueParams& p) {
   if (p.m < 0 || p.m > INT32_MAX || p.n < 0 || p.n > INT32_MAX) return false;
-  if (p.type != GemmType::kFloat16 && p.type != GemmType::kBFloat16) return false;
+  if (p.type != GemmType::kFloat16 && p.type != GemmType::kBFloat16 &&
+      p.type != GemmType::kFloat32) {
+    return false;
+  }
   const int act = static_cast<int>(p.activation);
   if (act < static_cast<int>(Activation::kNone) || act > static_cast<int>(Activation::kSilu)) {
     return false;
@@ -341,13 +385,13 @@ bool args_ok(const LinearBwdPrologueParams& p) {
   if (p.grad_bias != nullptr && !aligned_to(p.grad_bias, sizeof(float))) return false;
   if (p.m == 0 || p.n == 0 || (p.dz == nullptr && p.grad_bias == nullptr)) return true;
   // Elements are read and written: every tensor involved must be there, aligned to its type.
-  constexpr size_t kElem = 2;  // sizeof(__half) == sizeof(__nv_bfloat16)
-  if (p.grad_out == nullptr || !aligned_to(p.grad_out, kElem) || p.ld_grad_out < 0) return false;
+  const size_t elem = p.type == GemmType::kFloat32 ? sizeof(float) : sizeof(__half);
+  if (p.grad_out == nullptr || !aligned_to(p.grad_out, elem) || p.ld_grad_out < 0) return false;
   if (p.activation != Activation::kNone &&
-      (p.saved == nullptr || !aligned_to(p.saved, kElem) || p.ld_saved < 0)) {
+      (p.saved == nullptr || !aligned_to(p.saved, elem) || p.ld_saved < 0)) {
     return false;
   }
-  if (p.dz != nullptr && (!aligned_to(p.dz, kElem) || (p.m > 1 && p.ld_dz < p.n))) return false;
+  if (p.dz != nullptr && (!aligned_to(p.dz, elem) || (p.m > 1 && p.ld_dz < p.n))) return false;
   if (p.grad_bias != nullptr && (p.partials == nullptr || !aligned_to(p.partials, sizeof(float)))) {
     return false;
   }
@@ -355,11 +399,13 @@ bool args_ok(const LinearBwdPrologueParams& p) {
 }
 
 // Whether every row of every tensor kernel 1 touches is 16-byte aligned at every multiple of
-// 8 columns: 16-byte aligned bases and leading dimensions that are multiples of 8 (any
-// leading dimension when there is a single row).
+// 8 columns: 16-byte aligned bases and 16-byte aligned row strides, i.e. leading dimensions
+// that are multiples of Vec<T>::kSize (8 for half/bf16, 4 for float; any leading dimension
+// when there is a single row). A column multiple of 8 is then 16-byte aligned for every T.
+template <typename T>
 bool rows_vectorizable(const LinearBwdPrologueParams& p) {
   auto ok = [&](const void* base, int64_t ld) {
-    return aligned_to(base, kVecBytes) && (p.m == 1 || ld % kRun == 0);
+    return aligned_to(base, kVecBytes) && (p.m == 1 || ld % Vec<T>::kSize == 0);
   };
   return ok(p.grad_out, p.ld_grad_out) &&
          (p.activation == Activation::kNone || ok(p.saved, p.ld_saved)) &&
@@ -375,7 +421,7 @@ cudaError_t launch_prologue(const LinearBwdPrologueParams& p, cudaStream_t strea
   const dim3 grid(static_cast<unsigned>(strips),
                   static_cast<unsigned>(row_blocks < kMaxGridY ? row_blocks : kMaxGridY));
   const dim3 block(col_threads, kThreads / col_threads);
-  linear_bwd_prologue_kernel<T><<<grid, block, 0, stream>>>(p, rows_vectorizable(p));
+  linear_bwd_prologue_kernel<T><<<grid, block, 0, stream>>>(p, rows_vectorizable<T>(p));
   return cudaGetLastError();
 }
 
@@ -394,6 +440,8 @@ cudaError_t linear_bwd_prologue(const LinearBwdPrologueParams& params, cudaStrea
   if (p.m > 0) {
     if (p.type == GemmType::kFloat16) {
       FUSEDOPS_RETURN_IF_ERROR(launch_prologue<__half>(p, stream));
+    } else if (p.type == GemmType::kFloat32) {
+      FUSEDOPS_RETURN_IF_ERROR(launch_prologue<float>(p, stream));
     } else {
       FUSEDOPS_RETURN_IF_ERROR(launch_prologue<__nv_bfloat16>(p, stream));
     }

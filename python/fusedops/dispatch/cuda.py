@@ -99,7 +99,7 @@ def ce_bwd(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing
 
 # --- the fused linear: act(x @ W^T + b + r) (linear_contract.py; csrc/matmul/) -----------
 
-_GEMM_DTYPES = (torch.float16, torch.bfloat16)
+_GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def linear_unsupported(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -108,8 +108,10 @@ def linear_unsupported(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if activation not in linear_contract.ACTIVATIONS:
         return f"activation {activation!r} (the kernels take {linear_contract.ACTIVATIONS})"
     if input.dtype not in _GEMM_DTYPES:
-        return (f"{input.dtype} input: the CUDA GEMM takes float16 and bfloat16 (float32 through "
-                "tf32 is not implemented in the CUDA tier yet)")
+        return f"{input.dtype} input: the CUDA GEMM takes float16, bfloat16 and float32 (tf32)"
+    if input.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return ("float32 at full precision: the CUDA GEMM multiplies float32 only in tf32 "
+                "(torch.set_float32_matmul_precision('high') allows that)")
     if weight.dtype != input.dtype:
         return f"weight dtype {weight.dtype} differs from the input's {input.dtype}"
     if input.dim() != 2 or weight.dim() != 2:
