@@ -3,10 +3,12 @@
 Cases: M tokens in {4096, 16384} x (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096),
 (8192, 8192)} (a Llama-3-8B attention projection, its MLP up and down projections, and a
 square 8192), bfloat16, with a bias and ``activation="gelu_tanh"``; plus M=16384 K=N=4096
-with a residual as well. Forward alone, and forward+backward: ``torch.autograd.grad`` of the
+with a residual as well; and the plain GEMM M = K = N = 8192 with neither bias nor activation,
+forward (in ``--quick`` too). Forward alone, and forward+backward: ``torch.autograd.grad`` of the
 output against a fixed random ``grad_out``, with respect to the input, the weight, the bias
 (and the residual), so no ``.grad`` accumulates inside the timed call. ``--quick`` keeps
-M=16384 K=N=4096 (forward, forward+backward, and forward+backward with the residual).
+M=16384 K=N=4096 (forward, forward+backward, and forward+backward with the residual) and the
+plain 8192³ GEMM.
 
 Implementations:
 
@@ -15,7 +17,8 @@ Implementations:
   reports the tier unavailable, where ``fusedops.linear`` does not exist yet, or where a
   tiny probe call (bias, gelu_tanh, forward+backward) raises ``NotImplementedError``.
 - ``addmm``: ``torch.addmm(b, x, w.t())`` (cuBLAS), the bias only — no activation, no
-  residual: the GEMM itself, the rate every other row is compared with (``× addmm``).
+  residual: the GEMM itself, the rate every other row is compared with (``× addmm``);
+  ``torch.mm(x, w.t())`` in the plain case.
 - ``addmm_activation``: ``torch._addmm_activation(b, x, w.t(), use_gelu=True)``, cuBLASLt's
   fused bias + GELU epilogue. Its GELU is the tanh approximation on CUDA (on CPU it is the
   erf GELU), i.e. ``gelu_tanh``. With a residual, ``residual + b`` goes in as the (M, N)
@@ -70,6 +73,8 @@ TOKENS = (4096, 16384)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))  # (K, N)
 RESIDUAL_SHAPE = (16384, 4096, 4096)  # (M, K, N) of the case that adds a residual
 QUICK_SHAPE = (16384, 4096, 4096)
+# The plain GEMM (no bias, no activation), forward: the CUDA tier's target is 0.9x torch.mm.
+PLAIN_SHAPE = (8192, 8192, 8192)
 MODES = ("fwd", "fwd+bwd")
 DTYPE = "bfloat16"
 ACTIVATION = "gelu_tanh"
@@ -78,8 +83,10 @@ PROBE_SIZE = 64
 
 def make_case(mode: str, m: int, k: int, n: int, *, residual: bool = False,
               dtype: str = DTYPE, activation: str | None = ACTIVATION,
-              bias: bool = True) -> Case:
+              bias: bool = True, quick: bool | None = None) -> Case:
     in_quick = (m, k, n) == QUICK_SHAPE and (not residual or mode == "fwd+bwd")
+    if quick is not None:
+        in_quick = quick
     params = {"mode": mode, "M": m, "K": k, "N": n, "dtype": dtype, "bias": bias,
               "activation": activation, "residual": residual}
     epilogue = "_".join([activation or "none"] + ["nobias"] * (not bias) + ["res"] * residual)
@@ -95,6 +102,7 @@ def cases(quick: bool) -> list[Case]:
             for k, n in SHAPES:
                 out.append(make_case(mode, m, k, n))
         out.append(make_case(mode, *RESIDUAL_SHAPE, residual=True))
+    out.append(make_case("fwd", *PLAIN_SHAPE, activation=None, bias=False, quick=True))
     return [c for c in out if c.quick or not quick]
 
 
@@ -205,11 +213,10 @@ def _fusedops_tier(tier: str) -> Implementation:
 
 def _addmm_setup(case, input_sets):
     def forward(inputs):  # the GEMM and its bias: cuBLAS's rate on this shape
+        if inputs["bias"] is None:  # the plain GEMM case
+            return torch.mm(inputs["input"], inputs["weight"].t())
         return torch.addmm(inputs["bias"], inputs["input"], inputs["weight"].t())
 
-    for inputs in input_sets:
-        if inputs["bias"] is None:
-            raise ValueError("the addmm baseline needs a case with a bias")
     # grad_out meets the GEMM's output directly: no activation to differentiate.
     own = [{**inputs, "residual": None} for inputs in input_sets]
     return _rotating(forward, case, own)
