@@ -2,16 +2,24 @@
 # GPU verification of fusedops in one device call: install, environment, the whole test suite,
 # compute-sanitizer on the op tests, the benchmark report. Logs and results go to $OUT.
 #
-#   tools/gpu_verify.sh [STAGE ...]      STAGE: tests | sanitizer | bench | all (default all)
+#   tools/gpu_verify.sh [STAGE ...]
+#   STAGE: tests | sm80 | sanitizer | racecheck | ncu | bench | all (default all: every stage)
 #
 # Every call first installs (pip install --no-build-isolation --no-deps -e ., with CUDA_HOME
 # found; wheels carried in .whl/ go to /tmp/site first) and prints the environment, then runs
 # the stages asked for, in the order tests, sanitizer, bench:
 #
 #   tests      python -m pytest tests -m "gpu or not gpu"              -> tests.log
+#   sm80       the fused-linear suites on the CUDA tier with FUSEDOPS_GEMM_PATH=sm80: the
+#              sm_80 (mma.sync) GEMM forced on this GPU                 -> sm80.log
 #   sanitizer  compute-sanitizer --tool memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) on
 #              python -m pytest $SANITIZER_TESTS -m "not large"         -> sanitizer.log
 #              (the op tests: on a CUDA machine every parity test runs on the GPU)
+#   racecheck  compute-sanitizer --tool racecheck (shared-memory hazards) on a few small
+#              cases of the GEMM (both kernels) and attention tests     -> racecheck.log
+#   ncu        Nsight Compute on one warm launch of the main GEMM kernels and of cuBLAS
+#              (tools/profile_kernels.py): speed of light, memory, occupancy, warp stalls
+#                                                                        -> ncu.log
 #   bench      fusedops-bench $BENCH_ARGS (default --quick)             -> bench.log
 #
 # Each stage runs under `timeout`, bounded by what is left of the call's budget
@@ -20,8 +28,9 @@
 # reported "not run"; run it in a call of its own. The build of fusedops._C is the slow part
 # of a first call (minutes); a warm machine reuses it.
 #
-# $OUT receives at most 7 files (the device tool returns 8, two folders deep):
-#   summary.txt env.txt install.log tests.log sanitizer.log bench.log results.tar.gz
+# $OUT receives at most 10 files:
+#   summary.txt env.txt install.log tests.log sm80.log sanitizer.log racecheck.log ncu.log
+#   bench.log results.tar.gz
 # results.tar.gz holds benchmarks/results/ (the report's JSON/Markdown/PNG, to unpack at the
 # repository root and commit) and the JUnit XML of the test stages. The last lines printed
 # are the summary table.
@@ -67,19 +76,27 @@ rm -f "$WORK"/*.xml
 SUMMARY="$OUT/summary.txt"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-DEFAULT_SANITIZER_TESTS="tests/test_cross_entropy.py tests/test_cross_entropy_gpu.py tests/test_custom_ops.py tests/test_linear.py tests/test_linear_kernels.py tests/test_linear_cross_entropy.py tests/test_attention.py tests/test_sdpa.py tests/test_conv.py tests/test_conv_depthwise_kernels.py"
+DEFAULT_SANITIZER_TESTS="tests/test_cross_entropy.py tests/test_cross_entropy_gpu.py tests/test_custom_ops.py tests/test_linear.py tests/test_linear_kernels.py tests/test_linear_cuda_gemm.py tests/test_linear_cross_entropy.py tests/test_attention.py tests/test_sdpa.py tests/test_conv.py tests/test_conv_depthwise_kernels.py"
+# racecheck is slow (it tracks every shared-memory access): a few small cases of the kernels
+# that share memory between warps.
+RACECHECK_TESTS=(tests/test_linear_cuda_gemm.py -k "127x65x129 and bfloat16 and gelu or transposed")
+NCU_WORKLOADS="gemm gemm_sm80 torch_mm linear_gelu"
 
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
-want_tests=0 want_sanitizer=0 want_bench=0
+want_tests=0 want_sm80=0 want_sanitizer=0 want_racecheck=0 want_ncu=0 want_bench=0
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        all) want_tests=1 want_sanitizer=1 want_bench=1 ;;
+        all) want_tests=1 want_sm80=1 want_sanitizer=1 want_racecheck=1 want_ncu=1 want_bench=1 ;;
         tests) want_tests=1 ;;
+        sm80) want_sm80=1 ;;
         sanitizer) want_sanitizer=1 ;;
+        racecheck) want_racecheck=1 ;;
+        ncu) want_ncu=1 ;;
         bench) want_bench=1 ;;
         -h|--help) sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "unknown stage '$stage' (expected tests, sanitizer, bench or all)" >&2; exit 2 ;;
+        *) echo "unknown stage '$stage' (expected tests, sm80, sanitizer, racecheck, ncu," \
+                "bench or all)" >&2; exit 2 ;;
     esac
 done
 
@@ -197,6 +214,14 @@ if [ $want_tests = 1 ]; then
         --durations=25 --junitxml="$WORK/junit-tests.xml" "${timeout_args[@]}" ${PYTEST_ARGS:-}
 fi
 
+if [ $want_sm80 = 1 ]; then
+    : >"$OUT/sm80.log"
+    # The tier fixture's "cuda" cases of the fused-linear suites, on the forced sm_80 kernel.
+    run_stage sm80 240 sm80.log env FUSEDOPS_GEMM_PATH=sm80 "$PYTHON" -m pytest \
+        tests/test_linear.py tests/test_linear_cross_entropy.py -m "gpu or not gpu" -k cuda \
+        -q -ra -p no:cacheprovider --junitxml="$WORK/junit-sm80.xml"
+fi
+
 if [ $want_sanitizer = 1 ]; then
     : >"$OUT/sanitizer.log"
     if command -v compute-sanitizer >/dev/null; then
@@ -209,6 +234,36 @@ if [ $want_sanitizer = 1 ]; then
     else
         echo "compute-sanitizer not found" | tee "$OUT/sanitizer.log"
         note sanitizer "not run (no compute-sanitizer)" 0
+    fi
+fi
+
+if [ $want_racecheck = 1 ]; then
+    : >"$OUT/racecheck.log"
+    if command -v compute-sanitizer >/dev/null; then
+        run_stage racecheck 240 racecheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            compute-sanitizer --tool racecheck --target-processes all --error-exitcode 86 \
+            --print-limit 50 "$PYTHON" -m pytest "${RACECHECK_TESTS[@]}" -q -ra \
+            -p no:cacheprovider
+    else
+        echo "compute-sanitizer not found" | tee "$OUT/racecheck.log"
+        note racecheck "not run (no compute-sanitizer)" 0
+    fi
+fi
+
+if [ $want_ncu = 1 ]; then
+    : >"$OUT/ncu.log"
+    if command -v ncu >/dev/null; then
+        for workload in $NCU_WORKLOADS; do
+            # One warm launch of each GEMM kernel (ours, or cuBLAS's for torch_mm).
+            run_stage "ncu-$workload" 120 ncu.log ncu --section SpeedOfLight \
+                --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+                --section Occupancy --section LaunchStats --section WarpStateStats \
+                -k "regex:gemm|GEMM|nvjet|xmma|cutlass|linear_bwd" --launch-skip 1 \
+                --launch-count 3 "$PYTHON" tools/profile_kernels.py "$workload"
+        done
+    else
+        echo "ncu not found" | tee "$OUT/ncu.log"
+        note ncu "not run (no ncu)" 0
     fi
 fi
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Workloads for Nsight Compute: each runs one fusedops op a few times on the GPU, so that
+``ncu -k regex:<kernel> --launch-skip 1 --launch-count 1`` profiles one warm launch.
+
+    ncu --set full -k regex:gemm_sm90_kernel --launch-skip 1 --launch-count 1 \\
+        python tools/profile_kernels.py gemm
+
+Workloads (bf16 unless said otherwise; the CUDA tier forced):
+  gemm           fusedops.linear, M = K = N = 8192, no bias: the plain GEMM (sm_90a on an H100)
+  gemm_sm80      the same with FUSEDOPS_GEMM_PATH=sm80 (the mma.sync kernel)
+  linear_gelu    M = 16384, K = N = 4096, bias + gelu_tanh, forward and backward
+  torch_mm       torch.mm at 8192³: cuBLAS, for a side-by-side profile
+tools/gpu_verify.sh's ncu stage runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+WORKLOADS = ("gemm", "gemm_sm80", "linear_gelu", "torch_mm")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("--repeat", type=int, default=3, help="calls (the first warms up)")
+    args = parser.parse_args(argv)
+    if args.workload == "gemm_sm80":
+        os.environ["FUSEDOPS_GEMM_PATH"] = "sm80"
+
+    import torch
+
+    import fusedops
+
+    if not torch.cuda.is_available():
+        print("profile_kernels: no CUDA device", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    if args.workload in ("gemm", "gemm_sm80", "torch_mm"):
+        x, w = torch.randn(8192, 8192, **bf16), torch.randn(8192, 8192, **bf16) / 90
+        for _ in range(args.repeat):
+            if args.workload == "torch_mm":
+                torch.mm(x, w.t())
+            else:
+                with fusedops.use_backend("cuda"):
+                    fusedops.linear(x, w)
+    else:
+        x = torch.randn(16384, 4096, **bf16, requires_grad=True)
+        w = (torch.randn(4096, 4096, **bf16) / 64).requires_grad_()
+        b = torch.randn(4096, **bf16, requires_grad=True)
+        grad = torch.randn(16384, 4096, **bf16)
+        for _ in range(args.repeat):
+            with fusedops.use_backend("cuda"):
+                out = fusedops.linear(x, w, b, activation="gelu_tanh")
+            torch.autograd.grad(out, (x, w, b), grad)
+    torch.cuda.synchronize()
+    print(f"profile_kernels: {args.workload} x{args.repeat} done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
