@@ -11,6 +11,7 @@
 // device, and outputs are allocated with the caching allocator on the current stream, so the
 // ops can be captured in a CUDA graph.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,6 +31,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "attention/attention.h"
 #include "cross_entropy/cross_entropy.h"
 #include "matmul/gemm.h"
 
@@ -551,6 +554,231 @@ void linear_weight_grad_accumulate_cuda(const at::Tensor& grad_out, const at::Te
   }
 }
 
+// --- attention (python/fusedops/dispatch/attention_contract.py) --------------------------
+
+// A tensor shaped like `like`, laid out like it (empty_like), NaN-poisoned like new_output.
+at::Tensor new_output_like(const at::Tensor& like) {
+  at::Tensor t = at::empty_like(like);
+  const char* poison = std::getenv("FUSEDOPS_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return t;
+}
+
+// The kernels read (batch, row, head, d) with d contiguous, every other stride a multiple of
+// 8 elements and the data 16-byte aligned; anything else is copied to a dense tensor first.
+at::Tensor attention_aligned(const at::Tensor& t) {
+  bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t dim = 0; dim + 1 < t.dim(); ++dim) {
+    ok = ok && (t.size(dim) == 1 || t.stride(dim) % 8 == 0);
+  }
+  return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
+}
+
+// (batch, row, head) strides of a batched (B, H, S, D) or packed (T, H, D) tensor; a dimension
+// of extent 1 gets an aligned stride (it is never stepped along).
+AttentionTensor attention_tensor(const at::Tensor& t, bool packed) {
+  auto stride = [&](int64_t dim) { return t.size(dim) == 1 ? int64_t{0} : t.stride(dim); };
+  if (packed) return AttentionTensor{t.data_ptr(), 0, stride(0), stride(1)};
+  return AttentionTensor{t.data_ptr(), stride(0), stride(2), stride(1)};
+}
+
+AttentionPath attention_path() {
+  const char* env = std::getenv("FUSEDOPS_ATTENTION_PATH");  // "sm80" forces mma.sync
+  if (env != nullptr && std::strcmp(env, "sm80") == 0) return AttentionPath::kSm80;
+  if (env != nullptr && std::strcmp(env, "sm90") == 0) return AttentionPath::kSm90;
+  return AttentionPath::kAuto;
+}
+
+// cudaErrorNotSupported: either FUSEDOPS_ATTENTION_PATH=sm90 asked for kernels that cannot run
+// this call, or the sm_80 kernels' tiles for this head dim need more shared memory per block
+// than this GPU has (D = 128 / 256 on 99 KB consumer GPUs).
+void check_attention_status(const char* op, cudaError_t status, AttentionPath path) {
+  if (status == cudaErrorNotSupported) {
+    (void)cudaGetLastError();
+    TORCH_CHECK(path != AttentionPath::kSm90, op,
+                ": FUSEDOPS_ATTENTION_PATH=sm90 but the sm_90a kernels cannot run this call "
+                "(they need an sm_90a build on a compute capability 9.0 GPU and head dim 64, "
+                "128 or 256; the backward 64 or 128 and not deterministic)");
+    TORCH_CHECK(false, op, ": this GPU has too little shared memory per block for the CUDA "
+                "attention kernels at this head dim (use the Triton tier)");
+  }
+  C10_CUDA_CHECK(status);
+}
+
+int clamp_window(int64_t side) {
+  return static_cast<int>(std::max<int64_t>(-kAttentionUnbounded,
+                                            std::min<int64_t>(side, kAttentionUnbounded)));
+}
+
+// The problem of q, k, v (already aligned), or nothing to compute (no rows or no keys).
+struct AttentionCall {
+  AttentionProblem problem{};
+  bool no_rows = false;   // nothing to write but empty outputs
+  bool no_keys = false;   // every row sees no key: out 0, lse -inf
+};
+
+AttentionCall attention_call(const char* op, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v,
+                             const std::optional<at::Tensor>& cu_seqlens_q,
+                             const std::optional<at::Tensor>& cu_seqlens_k,
+                             int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                             int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), op,
+              ": q, k and v must be on one CUDA device");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": the CUDA attention kernels take float16 and bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share a dtype");
+  const bool packed = cu_seqlens_q.has_value();
+  TORCH_CHECK(packed == cu_seqlens_k.has_value(), op,
+              ": cu_seqlens_q and cu_seqlens_k come together");
+  TORCH_CHECK(q.dim() == (packed ? 3 : 4) && k.dim() == q.dim() && v.dim() == q.dim(), op,
+              ": q, k, v must be ", packed ? "(T, H, D)" : "(B, H, S, D)", ", got ", q.sizes());
+  const int64_t d = q.size(-1);
+  TORCH_CHECK(d == 16 || d == 32 || d == 64 || d == 96 || d == 128 || d == 256, op,
+              ": head dim ", d, " (the CUDA kernels take 16, 32, 64, 96, 128, 256)");
+  TORCH_CHECK(k.size(-1) == d && v.size(-1) == d, op, ": q, k, v must share the head dim");
+  const int64_t heads_q = q.size(1), heads_kv = k.size(1);
+  TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0 && v.size(1) == heads_kv, op,
+              ": query heads ", heads_q, " must be a multiple of key/value heads ", heads_kv);
+  TORCH_CHECK(heads_q <= 65535, op, ": at most 65535 heads, got ", heads_q);
+  AttentionCall call;
+  AttentionProblem& p = call.problem;
+  p.type = q.scalar_type() == at::kHalf ? AttentionType::kFloat16 : AttentionType::kBFloat16;
+  p.head_dim = static_cast<int>(d);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.scale = static_cast<float>(scale);
+  p.window_left = clamp_window(window_left);
+  p.window_right = clamp_window(window_right);
+  if (packed) {
+    for (const at::Tensor* cu : {&*cu_seqlens_q, &*cu_seqlens_k}) {
+      TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->is_contiguous() &&
+                      cu->device() == q.device() && cu->size(0) >= 1,
+                  op, ": cu_seqlens must be contiguous int32 (batch + 1,) on q's device");
+    }
+    TORCH_CHECK(cu_seqlens_k->size(0) == cu_seqlens_q->size(0), op,
+                ": cu_seqlens_q and cu_seqlens_k must have the same length");
+    const int64_t batch = cu_seqlens_q->size(0) - 1;
+    TORCH_CHECK(batch <= 65535, op, ": at most 65535 sequences, got ", batch);
+    p.batch = static_cast<int>(batch);
+    p.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_seqlens_k->data_ptr<int32_t>();
+    p.total_q = q.size(0);
+    p.total_k = k.size(0);
+    p.seqlen_q = std::min<int64_t>(max_seqlen_q, q.size(0));
+    p.seqlen_k = std::min<int64_t>(max_seqlen_k, k.size(0));
+    call.no_rows = batch == 0 || q.size(0) == 0 || heads_q == 0 || p.seqlen_q <= 0;
+  } else {
+    TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && v.size(2) == k.size(2), op,
+                ": q, k, v disagree on batch or key length");
+    TORCH_CHECK(q.size(0) <= 65535, op, ": at most 65535 sequences, got ", q.size(0));
+    p.batch = static_cast<int>(q.size(0));
+    p.seqlen_q = q.size(2);
+    p.seqlen_k = k.size(2);
+    call.no_rows = p.batch == 0 || heads_q == 0 || p.seqlen_q == 0;
+  }
+  TORCH_CHECK(p.seqlen_q < (int64_t{1} << 31) && p.seqlen_k < (int64_t{1} << 31), op,
+              ": sequences must be shorter than 2**31");
+  call.no_keys = !call.no_rows && p.seqlen_k <= 0;
+  p.q = attention_tensor(q, packed);
+  p.k = attention_tensor(k, packed);
+  p.v = attention_tensor(v, packed);
+  return call;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+    int64_t window_right, bool allow_tf32) {
+  constexpr const char* op = "fusedops::attention_fwd_cuda";
+  TORCH_CHECK(q_in.is_cuda(), op, ": q must be a CUDA tensor, got ", q_in.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const bool packed = cu_seqlens_q.has_value();
+  const at::Tensor q = attention_aligned(q_in), k = attention_aligned(k_in),
+                   v = attention_aligned(v_in);
+  AttentionCall call = attention_call(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, scale, window_left, window_right);
+  at::Tensor out = new_output_like(q_in);
+  const auto lse_shape = packed ? std::vector<int64_t>{q_in.size(1), q_in.size(0)}
+                                : std::vector<int64_t>{q_in.size(0), q_in.size(1), q_in.size(2)};
+  at::Tensor lse = new_output(lse_shape, q_in.options().dtype(at::kFloat));
+  if (call.no_rows || call.no_keys) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  at::Tensor out_kernel = attention_aligned(out);  // out itself unless empty_like misaligned
+  AttentionFwdParams params{};
+  params.problem = call.problem;
+  params.out = attention_tensor(out_kernel, packed);
+  params.lse = lse.data_ptr<float>();
+  const AttentionPath path = attention_path();
+  check_attention_status(op, attention_fwd(params, path, current_stream(q)), path);
+  if (!out_kernel.is_same(out)) out.copy_(out_kernel);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+    int64_t window_right, bool allow_tf32, bool deterministic) {
+  constexpr const char* op = "fusedops::attention_bwd_cuda";
+  TORCH_CHECK(q_in.is_cuda(), op, ": q must be a CUDA tensor, got ", q_in.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const bool packed = cu_seqlens_q.has_value();
+  const at::Tensor q = attention_aligned(q_in), k = attention_aligned(k_in),
+                   v = attention_aligned(v_in), out = attention_aligned(out_in),
+                   grad_out = attention_aligned(grad_out_in);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() &&
+                  grad_out.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              op, ": grad_out and out must be shaped like q, in q's dtype");
+  const auto lse_shape = packed ? std::vector<int64_t>{q.size(1), q.size(0)}
+                                : std::vector<int64_t>{q.size(0), q.size(1), q.size(2)};
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef(lse_shape) &&
+                  lse.is_contiguous() && lse.device() == q.device(),
+              op, ": lse must be contiguous float32 ", at::IntArrayRef(lse_shape));
+  AttentionCall call = attention_call(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, scale, window_left, window_right);
+  at::Tensor grad_q = new_output_like(q_in), grad_k = new_output_like(k_in),
+             grad_v = new_output_like(v_in);
+  if (call.no_rows || call.no_keys) {  // nothing flows
+    grad_q.zero_();
+    grad_k.zero_();
+    grad_v.zero_();
+    return {grad_q, grad_k, grad_v};
+  }
+  at::Tensor gq = attention_aligned(grad_q), gk = attention_aligned(grad_k),
+             gv = attention_aligned(grad_v);
+  const AttentionBwdWorkspace sizes = attention_bwd_workspace(call.problem, deterministic);
+  const auto float_options = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({sizes.delta_floats}, float_options);
+  at::Tensor grad_q_accum = at::zeros({sizes.grad_q_accum_floats}, float_options);
+  AttentionBwdParams params{};
+  params.problem = call.problem;
+  params.out = attention_tensor(out, packed);
+  params.grad_out = attention_tensor(grad_out, packed);
+  params.lse = lse.data_ptr<float>();
+  params.grad_q = attention_tensor(gq, packed);
+  params.grad_k = attention_tensor(gk, packed);
+  params.grad_v = attention_tensor(gv, packed);
+  params.deterministic = deterministic;
+  params.delta = delta.data_ptr<float>();
+  params.grad_q_accum = sizes.grad_q_accum_floats > 0 ? grad_q_accum.data_ptr<float>() : nullptr;
+  const AttentionPath path = attention_path();
+  check_attention_status(op, attention_bwd(params, path, current_stream(q)), path);
+  if (!gq.is_same(grad_q)) grad_q.copy_(gq);
+  if (!gk.is_same(grad_k)) grad_k.copy_(gk);
+  if (!gv.is_same(grad_v)) grad_v.copy_(gv);
+  return {grad_q, grad_k, grad_v};
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
   pybind11::list arches;
@@ -571,7 +799,8 @@ pybind11::dict build_info() {
   info["build"] = FUSEDOPS_STRINGIFY(FUSEDOPS_BUILD_KIND);
   info["ops"] = pybind11::make_tuple("ce_fwd_cuda", "ce_bwd_cuda", "ce_bwd_inplace_cuda",
                                      "linear_fwd_cuda", "linear_bwd_cuda",
-                                     "linear_weight_grad_accumulate_cuda");
+                                     "linear_weight_grad_accumulate_cuda",
+                                     "attention_fwd_cuda", "attention_bwd_cuda");
   return info;
 }
 
@@ -600,6 +829,15 @@ TORCH_LIBRARY(fusedops, m) {
   m.def(
       "linear_weight_grad_accumulate_cuda(Tensor grad_out, Tensor input, "
       "Tensor(a!) grad_weight, Tensor(b!)? grad_bias, bool allow_tf32) -> ()");
+  m.def(
+      "attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
+      "int window_left, int window_right, bool allow_tf32) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, float scale, int window_left, int window_right, bool allow_tf32, "
+      "bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedops, CUDA, m) {
@@ -609,6 +847,8 @@ TORCH_LIBRARY_IMPL(fusedops, CUDA, m) {
   m.impl("linear_fwd_cuda", &fusedops::linear_fwd_cuda);
   m.impl("linear_bwd_cuda", &fusedops::linear_bwd_cuda);
   m.impl("linear_weight_grad_accumulate_cuda", &fusedops::linear_weight_grad_accumulate_cuda);
+  m.impl("attention_fwd_cuda", &fusedops::attention_fwd_cuda);
+  m.impl("attention_bwd_cuda", &fusedops::attention_bwd_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -57,6 +57,14 @@ def attention_tier(tier):
 def skip_unsupported(tier, dtype):
     if tier == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
         pytest.skip("bfloat16 tl.dot is wrong in Triton's interpreter")
+    if tier == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA attention kernels take float16 and bfloat16 only")
+
+
+def tier_float(tier):
+    """The dtype of the tests below that use float32: float16 on the CUDA tier, which takes
+    16-bit inputs only (compared at float16's tolerance there)."""
+    return torch.float16 if tier == "cuda" else torch.float32
 
 
 def window_sides(causal, window):
@@ -151,14 +159,16 @@ def test_bshd_storage(attention_tier, dtype):
 
 
 def test_custom_scale(attention_tier):
-    run_and_compare(attention_tier, (1, 2, 2, 21, 21, 32), False, (4, 4), torch.float32,
+    dtype = tier_float(attention_tier)
+    run_and_compare(attention_tier, (1, 2, 2, 21, 21, 32), False, (4, 4), dtype,
                     scale=0.37)
 
 
 def test_queries_that_see_no_key(attention_tier):
     """Sq > Sk, causal: the first Sq - Sk queries precede every key; output 0, lse -inf."""
-    q, k, v = make((1, 2, 40, 32), torch.float32), make((1, 2, 9, 32), torch.float32), \
-        make((1, 2, 9, 32), torch.float32)
+    dtype = tier_float(attention_tier)
+    q, k, v = make((1, 2, 40, 32), dtype), make((1, 2, 9, 32), dtype), \
+        make((1, 2, 9, 32), dtype)
     with fusedops.use_backend(attention_tier):
         out, lse = fusedops.attention(q, k, v, causal=True, return_lse=True)
     grad_q, grad_k, grad_v = torch.autograd.grad(out.square().sum(), (q, k, v))
@@ -170,8 +180,9 @@ def test_queries_that_see_no_key(attention_tier):
 
 
 def test_empty_key_sequence(attention_tier):
-    q, k, v = make((2, 2, 5, 16), torch.float32), make((2, 2, 0, 16), torch.float32), \
-        make((2, 2, 0, 16), torch.float32)
+    dtype = tier_float(attention_tier)
+    q, k, v = make((2, 2, 5, 16), dtype), make((2, 2, 0, 16), dtype), \
+        make((2, 2, 0, 16), dtype)
     with fusedops.use_backend(attention_tier):
         out, lse = fusedops.attention(q, k, v, return_lse=True)
     grad_q, grad_k, _ = torch.autograd.grad(out.sum(), (q, k, v))
@@ -180,8 +191,9 @@ def test_empty_key_sequence(attention_tier):
 
 
 def test_empty_batch(attention_tier):
-    q = make((0, 2, 5, 16), torch.float32)
-    k = make((0, 1, 7, 16), torch.float32)
+    dtype = tier_float(attention_tier)
+    q = make((0, 2, 5, 16), dtype)
+    k = make((0, 1, 7, 16), dtype)
     with fusedops.use_backend(attention_tier):
         out = fusedops.attention(q, k, k, causal=True)
     assert out.shape == q.shape
@@ -190,8 +202,9 @@ def test_empty_batch(attention_tier):
 
 
 def test_deterministic_backward_is_bitwise_reproducible(attention_tier):
-    q, k, v = (make(s, torch.float32) for s in ((1, 4, 50, 32), (1, 2, 50, 32), (1, 2, 50, 32)))
-    grad_out = torch.randn(1, 4, 50, 32, device=DEVICE)
+    dtype = tier_float(attention_tier)
+    q, k, v = (make(s, dtype) for s in ((1, 4, 50, 32), (1, 2, 50, 32), (1, 2, 50, 32)))
+    grad_out = torch.randn(1, 4, 50, 32, device=DEVICE).to(dtype)
 
     def grads():
         with fusedops.use_backend(attention_tier):
@@ -205,13 +218,14 @@ def test_deterministic_backward_is_bitwise_reproducible(attention_tier):
     ref_out, _ = reference(*ref_inputs, True, (20, 0))
     for name, got, want in zip(("grad_q", "grad_k", "grad_v"), first,
                                torch.autograd.grad(ref_out, ref_inputs, grad_out.double())):
-        assert_close(got, want, torch.float32, f"deterministic {name}")
+        assert_close(got, want, dtype, f"deterministic {name}")
 
 
 @pytest.mark.parametrize("how", ["argument", "use_deterministic_algorithms", "default"])
 def test_deterministic_reaches_the_kernels(attention_tier, how, monkeypatch):
     """deterministic=True and torch.use_deterministic_algorithms(True) both reach the tier's
     attention_bwd (the Triton tier then computes dQ in its own kernel, without atomics)."""
+    dtype = tier_float(attention_tier)
     seen = []
     tier_module = fusedops.dispatch.TIERS[attention_tier]
     original = tier_module.attention_bwd
@@ -221,7 +235,7 @@ def test_deterministic_reaches_the_kernels(attention_tier, how, monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(tier_module, "attention_bwd", spy)
-    q = make((1, 2, 9, 16), torch.float32)
+    q = make((1, 2, 9, 16), dtype)
     with fusedops.use_backend(attention_tier):
         if how == "use_deterministic_algorithms":
             previous = torch.are_deterministic_algorithms_enabled()
@@ -237,7 +251,8 @@ def test_deterministic_reaches_the_kernels(attention_tier, how, monkeypatch):
 
 
 def test_no_grad_saves_nothing(attention_tier):
-    q = make((1, 2, 17, 16), torch.float32, requires_grad=False)
+    dtype = tier_float(attention_tier)
+    q = make((1, 2, 17, 16), dtype, requires_grad=False)
     with fusedops.use_backend(attention_tier), torch.no_grad():
         out = fusedops.attention(q, q, q)
     assert out.grad_fn is None and not out.requires_grad
@@ -325,13 +340,14 @@ def _ops(tier):
 def test_opcheck(attention_tier, packed):
     fwd_op, bwd_op = _ops(attention_tier)
     unbounded = attention_contract.UNBOUNDED
+    dtype = tier_float(attention_tier)
     if packed:
         cu = cumulative([3, 0, 14])
-        q, k, v = (torch.randn(17, h, 32, device=DEVICE) for h in (4, 2, 2))
+        q, k, v = (torch.randn(17, h, 32, device=DEVICE, dtype=dtype) for h in (4, 2, 2))
         sizes = (cu, cu, 14, 14)
     else:
-        q = torch.randn(2, 4, 13, 32, device=DEVICE)
-        k, v = (torch.randn(2, 2, 21, 32, device=DEVICE) for _ in range(2))
+        q = torch.randn(2, 4, 13, 32, device=DEVICE, dtype=dtype)
+        k, v = (torch.randn(2, 2, 21, 32, device=DEVICE, dtype=dtype) for _ in range(2))
         sizes = (None, None, 13, 21)
     fwd_args = (q, k, v, *sizes, 0.2, unbounded, 0, False)
     torch.library.opcheck(fwd_op, fwd_args)
@@ -342,8 +358,9 @@ def test_opcheck(attention_tier, packed):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiles_without_graph_breaks(attention_tier, backend):
+    dtype = tier_float(attention_tier)
     torch._dynamo.reset()
-    q, k, v = (make(s, torch.float32) for s in ((1, 4, 19, 32), (1, 2, 23, 32), (1, 2, 23, 32)))
+    q, k, v = (make(s, dtype) for s in ((1, 4, 19, 32), (1, 2, 23, 32), (1, 2, 23, 32)))
 
     def step(q, k, v):
         with fusedops.use_backend(attention_tier):
@@ -354,20 +371,21 @@ def test_compiles_without_graph_breaks(attention_tier, backend):
     grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     expected = torch.autograd.grad(step(q, k, v), (q, k, v))
     for got, want in zip(grads, expected):
-        assert_close(got, want, torch.float32, "compiled grad")
+        assert_close(got, want, dtype, "compiled grad")
 
 
 def test_varlen_compiles_without_graph_breaks(attention_tier):
+    dtype = tier_float(attention_tier)
     torch._dynamo.reset()
     cu = cumulative([4, 9])
-    q, k, v = (make((13, h, 16), torch.float32) for h in (2, 1, 1))
+    q, k, v = (make((13, h, 16), dtype) for h in (2, 1, 1))
 
     def step(q, k, v, cu):
         with fusedops.use_backend(attention_tier):
             return fusedops.attention_varlen(q, k, v, cu, cu, 9, 9, causal=True).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    assert_close(compiled(q, k, v, cu), step(q, k, v, cu), torch.float32, "compiled out")
+    assert_close(compiled(q, k, v, cu), step(q, k, v, cu), dtype, "compiled out")
 
 
 # --- GPU only ---------------------------------------------------------------------------
@@ -414,20 +432,21 @@ def test_cuda_graph_capture(attention_tier):
 
 def test_one_tensor_as_q_k_and_v(attention_tier):
     """Self-attention on one tensor: its gradient sums the q, k and v gradients."""
-    x = make((1, 2, 21, 16), torch.float32)
+    dtype = tier_float(attention_tier)
+    x = make((1, 2, 21, 16), dtype)
     with fusedops.use_backend(attention_tier):
         out = fusedops.attention(x, x, x, causal=True)
     (grad,) = torch.autograd.grad(out.square().sum(), (x,))
     ref_x = x.detach().double().requires_grad_()
     ref_out, _ = reference(ref_x, ref_x, ref_x, True, None)
     (ref_grad,) = torch.autograd.grad(ref_out.square().sum(), (ref_x,))
-    assert_close(grad, ref_grad, torch.float32, "grad of x")
+    assert_close(grad, ref_grad, dtype, "grad of x")
 
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: fusedops.attention(t, t, t, causal=True).sum(),
                              fullgraph=True, backend="aot_eager")
     with fusedops.use_backend(attention_tier):
-        assert_close(compiled(x), out.sum(), torch.float32, "compiled")
+        assert_close(compiled(x), out.sum(), dtype, "compiled")
 
 
 def test_malformed_cu_seqlens_stay_in_bounds(attention_tier):

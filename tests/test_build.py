@@ -8,7 +8,7 @@ import torch
 
 import fusedops
 from fusedops import _extension
-from fusedops.dispatch import contract, linear_contract
+from fusedops.dispatch import attention_contract, contract, linear_contract
 
 _C_BUILT = importlib.util.find_spec("fusedops._C") is not None
 
@@ -64,7 +64,8 @@ def test_cuda_ops_match_the_contract_schemas():
     from fusedops.dispatch import cuda
 
     cuda.load()
-    for op, schema in {**contract.SCHEMAS, **linear_contract.SCHEMAS}.items():
+    schemas = {**contract.SCHEMAS, **linear_contract.SCHEMAS, **attention_contract.SCHEMAS}
+    for op, schema in schemas.items():
         handle = getattr(torch.ops.fusedops, f"{op}_cuda").default
         declared = str(handle._schema)
         expected = f"fusedops::{op}_cuda{schema}"
@@ -89,6 +90,14 @@ def test_cuda_fakes_trace_on_meta_tensors():
     grads = torch.ops.fusedops.linear_bwd_cuda(out, x, w, saved, "gelu", False, True, True, True,
                                                False)
     assert [tuple(g.shape) for g in grads] == [(9, 40), (24, 40), (24,), (0,)]
+    q = torch.empty(2, 8, 100, 128, dtype=torch.bfloat16, device="meta").transpose(1, 2)
+    k = torch.empty(2, 2, 90, 128, dtype=torch.bfloat16, device="meta")
+    out, lse = torch.ops.fusedops.attention_fwd_cuda(q, k, k, None, None, 100, 90, 0.1, 2**30,
+                                                     0, False)
+    assert out.shape == q.shape and out.stride() == q.stride() and lse.shape == (2, 100, 8)
+    grads = torch.ops.fusedops.attention_bwd_cuda(out, q, k, k, out, lse, None, None, 100, 90,
+                                                  0.1, 2**30, 0, False, False)
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
 
 
 @pytest.mark.skipif(not _C_BUILT, reason="fusedops._C was not built ahead of time here")

@@ -77,6 +77,23 @@ EXPECTATIONS: tuple[Expectation, ...] = (
                 (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),
     Expectation("GEMM sm_90a (wgmma + TMA)", r"\bgemm_sm90_kernel<", ("sm_90a",), 9,
                 (("warpgroup MMA", HGMMA), ("TMA tile loads", UTMALDG))),
+    # Attention, sm_80 (also run on sm_90a for other head dims and when forced): 2 dtypes x
+    # head dims 16, 32, 64, 96, 128, 256.
+    Expectation("attention forward sm_80 (mma.sync + cp.async)", r"\battention_fwd_sm80_kernel<",
+                BOTH_ARCHES, 12, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM),
+                                  ("cp.async", LDGSTS), ("128-bit output stores", STG_128))),
+    Expectation("attention backward dK/dV sm_80", r"\battention_bwd_dkdv_kernel<", BOTH_ARCHES,
+                12, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM), ("cp.async", LDGSTS),
+                     ("dQ float32 reductions", r"^REDG?\.E\.ADD\.F32"))),
+    Expectation("attention backward dQ (deterministic) sm_80", r"\battention_bwd_dq_kernel<",
+                BOTH_ARCHES, 12, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM),
+                                  ("cp.async", LDGSTS))),
+    # Attention, sm_90a: 2 dtypes x head dims 64, 128, 256 (forward) and 64, 128 (backward).
+    Expectation("attention forward sm_90a (wgmma + TMA)", r"\battention_fwd_sm90_kernel<",
+                ("sm_90a",), 6, (("warpgroup MMA", HGMMA), ("TMA tile loads", UTMALDG))),
+    Expectation("attention backward sm_90a (wgmma + TMA)", r"\battention_bwd_sm90_kernel<",
+                ("sm_90a",), 4, (("warpgroup MMA", HGMMA), ("TMA tile loads", UTMALDG),
+                                 ("dQ float32 reductions", r"^REDG?\.E\.ADD\.F32"))),
 )
 
 

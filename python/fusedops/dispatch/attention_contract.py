@@ -116,5 +116,15 @@ def register_attention_ops(tier: str, fwd_impl: Callable, bwd_impl: Callable,
     return AttentionOps(*ops)
 
 
+def register_attention_fakes(tier: str) -> AttentionOps:
+    """For ops defined in C++ (the CUDA tier): attach the fakes and return the op handles."""
+    torch.library.register_fake(op_name("attention_fwd", tier))(attention_fwd_fake)
+    torch.library.register_fake(op_name("attention_bwd", tier))(attention_bwd_fake)
+    ops = torch.ops.fusedops
+    return AttentionOps(getattr(ops, f"attention_fwd_{tier}").default,
+                        getattr(ops, f"attention_bwd_{tier}").default)
+
+
 __all__ = ["HEAD_DIMS", "SCHEMAS", "UNBOUNDED", "AttentionOps", "attention_bwd_fake",
-           "attention_fwd_fake", "is_packed", "lse_shape", "register_attention_ops"]
+           "attention_fwd_fake", "is_packed", "lse_shape", "register_attention_fakes",
+           "register_attention_ops"]

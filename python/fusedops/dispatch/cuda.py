@@ -16,7 +16,7 @@ import torch
 
 from fusedops import _extension
 from fusedops._compile import assume_constant_result
-from fusedops.dispatch import contract, linear_contract
+from fusedops.dispatch import attention_contract, contract, linear_contract
 
 NAME = "cuda"
 
@@ -47,6 +47,7 @@ def load() -> ModuleType:
         with _lock:
             if _ops is None:
                 _linear_ops = linear_contract.register_linear_fakes(NAME)
+                attention_contract.register_attention_fakes(NAME)
                 _ops = contract.register_cross_entropy_fakes(NAME)
     return module
 
@@ -145,3 +146,42 @@ def linear_bwd(grad_out, input, weight, saved, activation, allow_tf32, needs_inp
 def linear_weight_grad_accumulate(grad_out, input, grad_weight, grad_bias, allow_tf32):
     _linear_ops_loaded().weight_grad_accumulate(grad_out, input, grad_weight, grad_bias,
                                                 allow_tf32)
+
+
+# --- attention (attention_contract.py; csrc/attention/) ----------------------------------
+
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+_GRID_LIMIT = 65535  # sequences and heads per call
+
+
+def attention_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool
+                          ) -> str | None:
+    """None when the CUDA kernels cover this call (arguments already checked), else why not."""
+    if q.dtype not in _ATTENTION_DTYPES:
+        return (f"{q.dtype} inputs: the CUDA attention kernels take float16 and bfloat16 "
+                "(float32 runs on the Triton or torch tier)")
+    head_dim = q.shape[-1]
+    if head_dim not in attention_contract.HEAD_DIMS:
+        return f"head dim {head_dim} (the kernels take {attention_contract.HEAD_DIMS})"
+    heads = q.shape[-2] if packed else q.shape[1]
+    if heads > _GRID_LIMIT or (not packed and q.shape[0] > _GRID_LIMIT):
+        return f"more than {_GRID_LIMIT} heads or sequences in one call"
+    if q.device.type != "cuda":
+        return f"the tensors are on {q.device}, not on a CUDA device"
+    return None
+
+
+def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                  window_left, window_right, allow_tf32):
+    _ensure_loaded()
+    return torch.ops.fusedops.attention_fwd_cuda.default(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+        window_right, allow_tf32)
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k, scale, window_left, window_right, allow_tf32, deterministic):
+    _ensure_loaded()
+    return torch.ops.fusedops.attention_bwd_cuda.default(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        scale, window_left, window_right, allow_tf32, deterministic)
