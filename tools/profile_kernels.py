@@ -10,6 +10,9 @@ Workloads (bf16 unless said otherwise; the CUDA tier forced):
   gemm_sm80      the same with FUSEDOPS_GEMM_PATH=sm80 (the mma.sync kernel)
   linear_gelu    M = 16384, K = N = 4096, bias + gelu_tanh, forward and backward
   torch_mm       torch.mm at 8192³: cuBLAS, for a side-by-side profile
+  attention      fusedops.attention, B = 4, H = 16, S = 4096, D = 128, causal, forward and
+                 backward (sm_90a kernels on an H100)
+  sdpa_flash     torch's SDPA flash backend on the same shapes, for comparison
 tools/gpu_verify.sh's ncu stage runs them.
 """
 
@@ -19,7 +22,7 @@ import argparse
 import os
 import sys
 
-WORKLOADS = ("gemm", "gemm_sm80", "linear_gelu", "torch_mm")
+WORKLOADS = ("gemm", "gemm_sm80", "linear_gelu", "torch_mm", "attention", "sdpa_flash")
 
 
 def main(argv=None) -> int:
@@ -47,6 +50,20 @@ def main(argv=None) -> int:
             else:
                 with fusedops.use_backend("cuda"):
                     fusedops.linear(x, w)
+    elif args.workload in ("attention", "sdpa_flash"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        q, k, v = (torch.randn(4, 16, 4096, 128, **bf16, requires_grad=True) for _ in range(3))
+        grad = torch.randn(4, 16, 4096, 128, **bf16)
+        for _ in range(args.repeat):
+            if args.workload == "attention":
+                with fusedops.use_backend("cuda"):
+                    out = fusedops.attention(q, k, v, causal=True)
+            else:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                           is_causal=True)
+            torch.autograd.grad(out, (q, k, v), grad)
     else:
         x = torch.randn(16384, 4096, **bf16, requires_grad=True)
         w = (torch.randn(4096, 4096, **bf16) / 64).requires_grad_()
