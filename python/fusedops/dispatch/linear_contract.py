@@ -69,6 +69,26 @@ SCHEMAS = {
 }
 
 
+def call_unsupported(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     residual: torch.Tensor | None, activation: str,
+                     dtypes: tuple[torch.dtype, ...], kernels: str) -> str | None:
+    """What every kernel tier checks first: the activation, the dtypes (``dtypes`` covered by
+    ``kernels``, e.g. "the Triton kernels"), 2-D operands, one device. None when they pass."""
+    if activation not in ACTIVATIONS:
+        return f"activation {activation!r} (the kernels take {ACTIVATIONS})"
+    if input.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        return f"{input.dtype} input ({kernels} take {names})"
+    if weight.dtype != input.dtype:
+        return f"weight dtype {weight.dtype} differs from the input's {input.dtype}"
+    if input.dim() != 2 or weight.dim() != 2:
+        return "input and weight must be 2-D here (the functional layer flattens the batch)"
+    devices = {t.device for t in (input, weight, bias, residual) if t is not None}
+    if len(devices) != 1:
+        return f"tensors on several devices ({sorted(map(str, devices))})"
+    return None
+
+
 def saves_preactivation(activation: str) -> bool:
     return SAVES[activation] == "preact"
 
@@ -129,5 +149,6 @@ def register_linear_fakes(tier: str) -> LinearOps:
                      getattr(ops, f"linear_weight_grad_accumulate_{tier}").default)
 
 
-__all__ = ["ACTIVATIONS", "NAMESPACE", "SAVES", "SCHEMAS", "LinearOps", "register_linear_fakes",
+__all__ = ["ACTIVATIONS", "NAMESPACE", "SAVES", "SCHEMAS", "LinearOps", "call_unsupported",
+           "register_linear_fakes",
            "register_linear_ops", "saves_preactivation"]

@@ -125,20 +125,13 @@ _LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def linear_unsupported(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        residual: torch.Tensor | None, activation: str) -> str | None:
     """None when the kernels cover this call (input (M, K), weight (N, K)), else the reason."""
-    if activation not in linear_contract.ACTIVATIONS:
-        return f"activation {activation!r} (the kernels take {linear_contract.ACTIVATIONS})"
-    if input.dtype not in _LINEAR_DTYPES:
-        return f"{input.dtype} input (the Triton kernels take float16, bfloat16 and float32)"
-    if weight.dtype != input.dtype:
-        return f"weight dtype {weight.dtype} differs from the input's {input.dtype}"
+    reason = linear_contract.call_unsupported(input, weight, bias, residual, activation,
+                                              _LINEAR_DTYPES, "the Triton kernels")
+    if reason is not None:
+        return reason
     for name, tensor in (("bias", bias), ("residual", residual)):
         if tensor is not None and tensor.dtype not in _LINEAR_DTYPES:
             return f"{tensor.dtype} {name} (the Triton kernels take float16, bfloat16, float32)"
-    if input.dim() != 2 or weight.dim() != 2:
-        return "input and weight must be 2-D here (the functional layer flattens the batch)"
-    devices = {t.device for t in (input, weight, bias, residual) if t is not None}
-    if len(devices) != 1:
-        return f"tensors on several devices ({sorted(map(str, devices))})"
     return _device_unsupported(input)
 
 
