@@ -41,9 +41,17 @@ def _full_precision(cudnn_full_precision_float32):
 def skip_unsupported(tier, dtype, groups=1, channels=None):
     if tier == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
         pytest.skip("bfloat16 tl.dot is wrong in Triton's interpreter; covered on the GPU")
+    if tier == "cuda" and dtype == torch.float32 and not (groups != 1 and groups == channels):
+        pytest.skip("the CUDA implicit-GEMM kernels take float16 and bfloat16 only")
     if (tier == "triton" and groups != 1 and groups == channels
             and importlib.util.find_spec("fusedops.triton_kernels.conv_depthwise") is None):
         pytest.skip("the Triton depthwise kernel has not landed yet")
+
+
+def tier_float(tier):
+    """The dtype of the tests below that use float32: float16 on the CUDA tier, whose
+    implicit-GEMM kernels take 16-bit inputs only (compared at float16's tolerance there)."""
+    return torch.float16 if tier == "cuda" else torch.float32
 
 
 class Case(NamedTuple):
@@ -207,9 +215,11 @@ def test_every_activation(conv_tier, activation, dtype):
 
 def test_non_contiguous_views(conv_tier):
     """Sliced (strided) input, weight and residual views: read through their strides."""
-    x = torch.randn(1, 5, 5, 14, device=DEVICE)[..., ::2]                   # (1, 5, 5, 7)
-    weight = torch.randn(5, 8, 3, 3, device=DEVICE).transpose(0, 1)[:6] / 5   # (6, 5, 3, 3)
-    residual = torch.randn(1, 6, 7, 5, device=DEVICE).transpose(2, 3)       # (1, 6, 5, 7)
+    dtype = tier_float(conv_tier)
+    x = torch.randn(1, 5, 5, 14, device=DEVICE, dtype=dtype)[..., ::2]  # (1, 5, 5, 7)
+    weight = torch.randn(5, 8, 3, 3, device=DEVICE, dtype=dtype).transpose(0, 1)[:6] / 5
+    residual = torch.randn(1, 6, 7, 5, device=DEVICE, dtype=dtype).transpose(2, 3)  # (1, 6, 5, 7)
+    # weight: (6, 5, 3, 3)
     assert not any(t.is_contiguous() for t in (x, weight, residual))
     leaves = [t.requires_grad_() for t in (x, weight, residual)]
     with fusedops.use_backend(conv_tier):
@@ -217,12 +227,12 @@ def test_non_contiguous_views(conv_tier):
     reference = [t.detach().double().requires_grad_() for t in leaves]
     ref = F.gelu(F.conv2d(reference[0], reference[1], padding=1) + reference[2])
     assert layout(out) == layout(F.conv2d(x.detach(), weight.detach(), padding=1))
-    assert_close(out, ref, torch.float32, "output")
-    upstream = torch.randn(ref.shape, device=DEVICE)
+    assert_close(out, ref, dtype, "output")
+    upstream = torch.randn(ref.shape, device=DEVICE, dtype=dtype)
     out.backward(upstream)
     ref.backward(upstream.double())
     for name, mine, expected in zip(("input", "weight", "residual"), leaves, reference):
-        assert_close(mine.grad, expected.grad, torch.float32, f"grad of {name}")
+        assert_close(mine.grad, expected.grad, dtype, f"grad of {name}")
 
 
 # A convolution F.conv2d reads as channels_last although is_contiguous() is also true (a
@@ -266,8 +276,9 @@ def test_unbatched_channel_last_input_layout_follows_f_conv2d():
 
 def test_batch_of_one_and_every_gradient_optional(conv_tier):
     """Batch 1, and each leaf on its own requiring grad (the others get none)."""
+    dtype = tier_float(conv_tier)
     case = Case("batch1", (1, 5, 7, 9), 3, 3, stride=2, padding=1, activation="gelu")
-    x, weight, bias, residual, _ = make_inputs(case, torch.float32)
+    x, weight, bias, residual, _ = make_inputs(case, dtype)
     tensors = (x, weight, bias, residual)
     for index in range(4):
         leaves = [t.detach().clone().requires_grad_(i == index) for i, t in enumerate(tensors)]
@@ -278,7 +289,7 @@ def test_batch_of_one_and_every_gradient_optional(conv_tier):
                      for i, t in enumerate(tensors)]
         ref = F.gelu(F.conv2d(*reference[:3], 2, 1) + reference[3])
         (ref_grad,) = torch.autograd.grad(ref.square().sum(), (reference[index],))
-        assert_close(grad, ref_grad, torch.float32, f"grad of leaf {index} alone")
+        assert_close(grad, ref_grad, dtype, f"grad of leaf {index} alone")
 
 
 def test_groups_neither_one_nor_channels(conv_tier):
@@ -299,9 +310,10 @@ def test_groups_neither_one_nor_channels(conv_tier):
 def test_empty_batch(conv_tier):
     """N = 0: an empty output, and weight and bias gradients that are exactly zero (never
     the NaN the outputs are poisoned with), as F.conv2d gives."""
-    x = torch.randn(0, 5, 7, 9, device=DEVICE, requires_grad=True)
-    weight = torch.randn(3, 5, 3, 3, device=DEVICE, requires_grad=True)
-    bias = torch.randn(3, device=DEVICE, requires_grad=True)
+    dtype = tier_float(conv_tier)
+    x = torch.randn(0, 5, 7, 9, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = torch.randn(3, 5, 3, 3, device=DEVICE, dtype=dtype, requires_grad=True)
+    bias = torch.randn(3, device=DEVICE, dtype=dtype, requires_grad=True)
     with fusedops.use_backend(conv_tier):
         out = fusedops.conv2d(x, weight, bias, padding=1, activation="gelu")
     assert out.shape == (0, 3, 7, 9)
@@ -318,15 +330,16 @@ def test_float64_on_the_torch_tier():
 
 
 def test_no_grad_builds_no_graph(conv_tier):
+    dtype = tier_float(conv_tier)
     case = Case("no_grad", (1, 5, 5, 7), 3, 3, padding=1, activation="gelu")
-    x, weight, bias, residual, _ = make_inputs(case, torch.float32)
+    x, weight, bias, residual, _ = make_inputs(case, dtype)
     weight.requires_grad_()
     with fusedops.use_backend(conv_tier), torch.no_grad():
         out = fusedops.conv2d(x, weight, bias, padding=1, activation="gelu", residual=residual)
     assert out.grad_fn is None and not out.requires_grad
     ref = F.gelu(F.conv2d(x.double(), weight.detach().double(), bias.double(), padding=1)
                  + residual.double())
-    assert_close(out, ref, torch.float32, "no_grad output")
+    assert_close(out, ref, dtype, "no_grad output")
 
 
 def autocast_dtype(tier):
@@ -442,10 +455,12 @@ def test_opcheck(conv_tier, case):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiles_without_graph_breaks(conv_tier, backend):
     torch._dynamo.reset()
-    x = torch.randn(1, 3, 5, 7, device=DEVICE).to(memory_format=CL).requires_grad_()
-    weight = (torch.randn(4, 3, 3, 3, device=DEVICE) / 5).requires_grad_()
-    bias = torch.randn(4, device=DEVICE, requires_grad=True)
-    residual = torch.randn(1, 4, 3, 4, device=DEVICE, requires_grad=True)
+    dtype = tier_float(conv_tier)
+    x = torch.randn(1, 3, 5, 7, device=DEVICE, dtype=dtype).to(memory_format=CL)
+    x.requires_grad_()
+    weight = (torch.randn(4, 3, 3, 3, device=DEVICE, dtype=dtype) / 5).requires_grad_()
+    bias = torch.randn(4, device=DEVICE, dtype=dtype, requires_grad=True)
+    residual = torch.randn(1, 4, 3, 4, device=DEVICE, dtype=dtype, requires_grad=True)
     leaves = (x, weight, bias, residual)
 
     def step(x, weight, bias, residual):
@@ -459,9 +474,9 @@ def test_compiles_without_graph_breaks(conv_tier, backend):
     grads = torch.autograd.grad(loss, leaves)
     expected_loss = step(*leaves)
     expected = torch.autograd.grad(expected_loss, leaves)
-    assert_close(loss, expected_loss, torch.float32, "compiled loss")
+    assert_close(loss, expected_loss, dtype, "compiled loss")
     for name, got, want in zip(("input", "weight", "bias", "residual"), grads, expected):
-        assert_close(got, want, torch.float32, f"compiled grad of {name}")
+        assert_close(got, want, dtype, f"compiled grad of {name}")
 
 
 # --- GPU only ---------------------------------------------------------------------------

@@ -20,6 +20,12 @@ from fusedops.nn import FusedConv2d
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
 
+def tier_float(tier):
+    """float16 on the CUDA tier (its implicit-GEMM kernels take 16-bit inputs only, compared
+    at float16's tolerance), float32 elsewhere."""
+    return torch.float16 if tier == "cuda" else torch.float32
+
+
 @pytest.fixture(autouse=True)
 def _full_precision(cudnn_full_precision_float32):
     """Every test here compares float32 at 1e-5 (see conftest)."""
@@ -124,43 +130,45 @@ def test_padding_modes_match_nn_conv2d(conv_tier, padding_mode, padding, stride,
                                        activation, unbatched):
     kwargs = dict(in_channels=3, out_channels=5, kernel_size=3, stride=stride,
                   padding=padding, dilation=dilation, padding_mode=padding_mode, device=DEVICE)
-    plain = randomise(torch.nn.Conv2d(**kwargs))
-    fused = FusedConv2d(**kwargs, activation=activation)
+    dtype = tier_float(conv_tier)
+    plain = randomise(torch.nn.Conv2d(**kwargs)).to(dtype)
+    fused = FusedConv2d(**kwargs, activation=activation).to(dtype)
     fused.load_state_dict(plain.state_dict())
     shape = (3, 5, 7) if unbatched else (1, 3, 5, 7)
-    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    x = torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=True)
     with fusedops.use_backend(conv_tier):
         out = fused(x)
     x64 = x.detach().double().requires_grad_()
     reference = as_float64(plain)
     ref = activate(reference(x64), activation)
-    assert_close(out, ref, torch.float32, f"{padding_mode} output")
-    upstream = torch.randn(ref.shape, device=DEVICE)
+    assert_close(out, ref, dtype, f"{padding_mode} output")
+    upstream = torch.randn(ref.shape, device=DEVICE, dtype=dtype)
     out.backward(upstream)
     ref.backward(upstream.double())
-    assert_close(x.grad, x64.grad, torch.float32, "grad of input")
-    assert_close(fused.weight.grad, reference.weight.grad, torch.float32, "grad of weight")
-    assert_close(fused.bias.grad, reference.bias.grad, torch.float32, "grad of bias")
+    assert_close(x.grad, x64.grad, dtype, "grad of input")
+    assert_close(fused.weight.grad, reference.weight.grad, dtype, "grad of weight")
+    assert_close(fused.bias.grad, reference.bias.grad, dtype, "grad of bias")
 
 
 def test_forward_with_residual(conv_tier):
+    dtype = tier_float(conv_tier)
     fused = randomise(FusedConv2d(4, 6, 3, stride=2, padding=1, device=DEVICE,
-                                  activation="gelu"))
-    x = torch.randn(2, 4, 5, 7, device=DEVICE, requires_grad=True)
-    residual = torch.randn(2, 6, 3, 4, device=DEVICE).to(memory_format=torch.channels_last)
-    residual.requires_grad_()
+                                  activation="gelu")).to(dtype)
+    x = torch.randn(2, 4, 5, 7, device=DEVICE, dtype=dtype, requires_grad=True)
+    residual = torch.randn(2, 6, 3, 4, device=DEVICE, dtype=dtype)
+    residual = residual.to(memory_format=torch.channels_last).requires_grad_()
     with fusedops.use_backend(conv_tier):
         out = fused(x, residual=residual)
     leaves = [t.detach().double().requires_grad_() for t in (x, residual)]
     reference = as_float64(fused)
     ref = F.gelu(F.conv2d(leaves[0], reference.weight, reference.bias, 2, 1) + leaves[1])
-    assert_close(out, ref, torch.float32, "output")
-    upstream = torch.randn(ref.shape, device=DEVICE)
+    assert_close(out, ref, dtype, "output")
+    upstream = torch.randn(ref.shape, device=DEVICE, dtype=dtype)
     out.backward(upstream)
     ref.backward(upstream.double())
-    assert_close(x.grad, leaves[0].grad, torch.float32, "grad of input")
-    assert_close(residual.grad, leaves[1].grad, torch.float32, "grad of residual")
-    assert_close(fused.weight.grad, reference.weight.grad, torch.float32, "grad of weight")
+    assert_close(x.grad, leaves[0].grad, dtype, "grad of input")
+    assert_close(residual.grad, leaves[1].grad, dtype, "grad of residual")
+    assert_close(fused.weight.grad, reference.weight.grad, dtype, "grad of weight")
 
 
 # --- from_conv without BatchNorm: the same Parameter objects ---------------------------
@@ -240,18 +248,19 @@ def test_from_conv_folds_eval_batchnorm(conv_bias, affine, activation):
 
 def test_folded_parameters_receive_gradients(conv_tier):
     conv, bn = conv_and_bn()
-    fused = FusedConv2d.from_conv(conv, bn, activation="gelu")
+    dtype = tier_float(conv_tier)
+    fused = FusedConv2d.from_conv(conv, bn, activation="gelu").to(dtype)
     assert fused.weight.requires_grad and fused.bias.requires_grad
-    x = torch.randn(1, 4, 5, 7, device=DEVICE)
+    x = torch.randn(1, 4, 5, 7, device=DEVICE, dtype=dtype)
     with fusedops.use_backend(conv_tier):
         out = fused(x)
-    upstream = torch.randn(out.shape, device=DEVICE)
+    upstream = torch.randn(out.shape, device=DEVICE, dtype=dtype)
     out.backward(upstream)
     weight, bias = (p.detach().double().requires_grad_() for p in (fused.weight, fused.bias))
     ref = F.gelu(F.conv2d(x.double(), weight, bias, 2, 1))
     ref.backward(upstream.double())
-    assert_close(fused.weight.grad, weight.grad, torch.float32, "grad of folded weight")
-    assert_close(fused.bias.grad, bias.grad, torch.float32, "grad of folded bias")
+    assert_close(fused.weight.grad, weight.grad, dtype, "grad of folded weight")
+    assert_close(fused.bias.grad, bias.grad, dtype, "grad of folded bias")
     assert conv.weight.grad is None  # the fold made new parameters; the conv's get nothing
 
 

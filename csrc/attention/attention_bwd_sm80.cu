@@ -149,13 +149,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/ampere.cuh"
 #include "../common/check.cuh"
 #include "../common/dtype.cuh"
 #include "../common/vec.cuh"
@@ -420,75 +420,6 @@ __host__ __device__ __forceinline__ float lse_to_log2(float lse) {
 
 // ---- PTX wrappers ----
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-
-template <bool kTrans>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  if constexpr (kTrans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  }
-}
-
-// c (16 x 8, float32) += a (16 x 16) b (16 x 8), fragments as in the top comment.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16");
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats rounded to T, the first in the low half (the lower k or column).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t bits;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    memcpy(&bits, &v, sizeof(bits));
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    memcpy(&bits, &v, sizeof(bits));
-  }
-  return bits;
-}
-
 // Adds (x, y) to the two consecutive floats at p (8-byte aligned): one vector reduction on
 // sm_90 (red.global.add.v2.f32), two scalar ones before.
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
@@ -529,17 +460,18 @@ __device__ __forceinline__ void warp_mma(float (&acc)[kMF][kNF][4], uint32_t a, 
     uint32_t bf[kNF / 2][4];
 #pragma unroll
     for (int f = 0; f < kMF; ++f) {
-      ldmatrix_x4<kATrans>(af[f], a + ldsm_block_offset<kATrans, kAPitch>(f, s));
+      ampere::ldmatrix_x4<kATrans>(af[f], a + ldsm_block_offset<kATrans, kAPitch>(f, s));
     }
 #pragma unroll
     for (int j = 0; j < kNF / 2; ++j) {
-      ldmatrix_x4<kBTrans>(bf[j], b + ldsm_block_offset<kBTrans, kBPitch>(j, s));
+      ampere::ldmatrix_x4<kBTrans>(bf[j], b + ldsm_block_offset<kBTrans, kBPitch>(j, s));
     }
 #pragma unroll
     for (int f = 0; f < kMF; ++f) {
 #pragma unroll
       for (int n = 0; n < kNF; ++n) {
-        mma_16816<T>(acc[f][n], af[f], bf[n / 2][2 * (n % 2)], bf[n / 2][2 * (n % 2) + 1]);
+        ampere::mma_m16n8k16<T>(acc[f][n], af[f], bf[n / 2][2 * (n % 2)],
+                                bf[n / 2][2 * (n % 2) + 1]);
       }
     }
   }
@@ -555,9 +487,9 @@ __device__ __forceinline__ void warp_mma_a_regs(float (&acc)[1][kNF][4],
 #pragma unroll
     for (int j = 0; j < kNF / 2; ++j) {
       uint32_t bf[4];
-      ldmatrix_x4<kBTrans>(bf, b + ldsm_block_offset<kBTrans, kBPitch>(j, s));
-      mma_16816<T>(acc[0][2 * j], a[s], bf[0], bf[1]);
-      mma_16816<T>(acc[0][2 * j + 1], a[s], bf[2], bf[3]);
+      ampere::ldmatrix_x4<kBTrans>(bf, b + ldsm_block_offset<kBTrans, kBPitch>(j, s));
+      ampere::mma_m16n8k16<T>(acc[0][2 * j], a[s], bf[0], bf[1]);
+      ampere::mma_m16n8k16<T>(acc[0][2 * j + 1], a[s], bf[2], bf[3]);
     }
   }
 }
@@ -575,7 +507,7 @@ __device__ __forceinline__ void store_acc(unsigned char* tile, const float (&acc
       for (int h = 0; h < 2; ++h) {
         const TileCoord at = acc_coord(lane, f, n, h);
         *reinterpret_cast<uint32_t*>(tile + tile_offset<kPitch>(row0 + at.row, col0 + at.col)) =
-            pack2<T>(acc[f][n][2 * h] * scale, acc[f][n][2 * h + 1] * scale);
+            ampere::pack2<T>(acc[f][n][2 * h] * scale, acc[f][n][2 * h + 1] * scale);
       }
     }
   }
@@ -610,8 +542,8 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const T* src, int64_t r
       const bool inside = row < valid;
       const void* from =
           inside ? static_cast<const void*>(src + row * row_stride + col * kChunkElems) : fallback;
-      cp_async_16(tile + static_cast<uint32_t>(row * kPitch + col * kChunk), from,
-                  inside ? 16u : 0u);
+      ampere::cp_async_cg_16(tile + static_cast<uint32_t>(row * kPitch + col * kChunk), from,
+                             inside ? 16u : 0u);
     }
   }
 }
@@ -687,7 +619,7 @@ __global__ void __launch_bounds__(kKvThreads, 1)
                               const float scale_log2, const bool atomic_dq) {
   using G = KvGeometry<kD>;
   extern __shared__ __align__(16) unsigned char smem[];
-  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t smem_base = ampere::smem_address(smem);
   const AttentionProblem& pr = params.problem;
   const int thread = threadIdx.x;
   const int lane = thread % kWarpThreads;
@@ -741,14 +673,14 @@ __global__ void __launch_bounds__(kKvThreads, 1)
       const int r = is_lse ? thread : thread - G::kBM;
       const float* base = is_lse ? params.lse : params.delta;
       const uint32_t dst = smem_base + (is_lse ? G::kLse : G::kDelta) + (stage * G::kBM + r) * 4;
-      cp_async_4(dst, r < rows ? base + stats + r : base, r < rows ? 4u : 0u);
+      ampere::cp_async_ca_4(dst, r < rows ? base + stats + r : base, r < rows ? 4u : 0u);
     }
   };
 
   int member = 0;
   int64_t qb = range.start;
   if (steps > 0) load_step(0, member, qb);
-  cp_async_commit();
+  ampere::cp_async_commit();
 
   float dk[G::kKvMF][G::kKvNF][4];
   float dv[G::kKvMF][G::kKvNF][4];
@@ -775,7 +707,7 @@ __global__ void __launch_bounds__(kKvThreads, 1)
 #pragma unroll 1
   for (int64_t step = 0; step < steps; ++step) {
     const int stage = static_cast<int>(step & 1);
-    cp_async_wait_all();  // this thread's copies of this step (and K, V) have landed
+    ampere::cp_async_wait<0>();  // this thread's copies of this step (and K, V) have landed
     __syncthreads();      // everyone's have; and every warp is done with step - 1
     int next_member = member;
     int64_t next_qb = qb + G::kBM;
@@ -784,7 +716,7 @@ __global__ void __launch_bounds__(kKvThreads, 1)
       ++next_member;
     }
     if (step + 1 < steps) load_step(stage ^ 1, next_member, next_qb);
-    cp_async_commit();
+    ampere::cp_async_commit();
 
     const bool masked = qb < range.full_lo || qb >= range.full_hi;
     const uint32_t q_tile = smem_base + G::kQTiles + stage * G::kBM * G::kPitchD;
@@ -900,7 +832,7 @@ __global__ void __launch_bounds__(kKvThreads, 1)
   }
 
   // dK (times scale) and dV through the K and V tiles, then 16-byte stores of the keys inside.
-  cp_async_wait_all();  // (nothing is in flight after the last step; the tiles are reused)
+  ampere::cp_async_wait<0>();  // (nothing is in flight after the last step; the tiles are reused)
   __syncthreads();      // every warp is done reading K and V
   store_acc<T, G::kKvMF, G::kKvNF, G::kPitchD>(smem + G::kKTile, dk, lane, kv_key0, kv_d0,
                                                pr.scale);
@@ -964,7 +896,7 @@ __global__ void __launch_bounds__(QGeometry<kD>::kThreads, 1)
                             const float scale_log2) {
   using G = QGeometry<kD>;
   extern __shared__ __align__(16) unsigned char smem[];
-  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t smem_base = ampere::smem_address(smem);
   const AttentionProblem& pr = params.problem;
   const int thread = threadIdx.x;
   const int lane = thread % kWarpThreads;
@@ -1008,7 +940,7 @@ __global__ void __launch_bounds__(QGeometry<kD>::kThreads, 1)
                                           pr.v.data, thread);
   };
   if (range.start < range.end) load_keys(0, range.start);
-  cp_async_commit();
+  ampere::cp_async_commit();
 
   // lse (base 2) and delta of this thread's rows g and g + 8 of the warp's 16.
   const int64_t stats = lse_index(pr, batch, head, seq_q.begin, qb);
@@ -1033,10 +965,10 @@ __global__ void __launch_bounds__(QGeometry<kD>::kThreads, 1)
   int stage = 0;
 #pragma unroll 1
   for (int64_t kb = range.start; kb < range.end; kb += G::kBN) {
-    cp_async_wait_all();
+    ampere::cp_async_wait<0>();
     __syncthreads();  // this block's K/V are in; every warp is done with the other stage
     if (kb + G::kBN < range.end) load_keys(stage ^ 1, kb + G::kBN);
-    cp_async_commit();
+    ampere::cp_async_commit();
     const uint32_t k_tile = smem_base + G::kKTiles + stage * G::kBN * G::kPitchD;
     const uint32_t v_tile = smem_base + G::kVTiles + stage * G::kBN * G::kPitchD;
 
@@ -1072,10 +1004,10 @@ __global__ void __launch_bounds__(QGeometry<kD>::kThreads, 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int n = 2 * j + half;
-        ds[j][2 * half] = pack2<T>(s[0][n][0] * (dp[0][n][0] - delta[0]),
-                                   s[0][n][1] * (dp[0][n][1] - delta[0]));
-        ds[j][2 * half + 1] = pack2<T>(s[0][n][2] * (dp[0][n][2] - delta[1]),
-                                       s[0][n][3] * (dp[0][n][3] - delta[1]));
+        ds[j][2 * half] = ampere::pack2<T>(s[0][n][0] * (dp[0][n][0] - delta[0]),
+                                           s[0][n][1] * (dp[0][n][1] - delta[0]));
+        ds[j][2 * half + 1] = ampere::pack2<T>(s[0][n][2] * (dp[0][n][2] - delta[1]),
+                                               s[0][n][3] * (dp[0][n][3] - delta[1]));
       }
     }
     warp_mma_a_regs<T, G::kDqNF, G::kBN / kMma, true, G::kPitchD>(dq, ds, k_tile + k_trans);
@@ -1083,7 +1015,7 @@ __global__ void __launch_bounds__(QGeometry<kD>::kThreads, 1)
   }
 
   // dQ (times scale) through the warp's own rows of the Q tile, then 16-byte stores.
-  cp_async_wait_all();
+  ampere::cp_async_wait<0>();
   __syncthreads();  // no copy is still landing in the Q tile (nor anywhere else)
   unsigned char* rows_tile = smem + G::kQTile + warp * kMma * G::kPitchD;
   store_acc<T, 1, G::kDqNF, G::kPitchD>(rows_tile, dq, lane, 0, 0, pr.scale);

@@ -198,48 +198,15 @@ struct Config {
 
 // --- sm_90a helpers that hopper.cuh does not have ------------------------------------------
 
-// TMA tile loads of 3-D and 4-D boxes (coordinates innermost first), completing on `bar`.
-__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
-                                            int32_t c0, int32_t c1, int32_t c2) {
-#if FUSEDOPS_SM90A_ENABLED
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-      "[%0], [%1, {%3, %4, %5}], [%2];" ::"r"(hopper::smem_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(hopper::smem_address(bar)), "r"(c0), "r"(c1),
-      "r"(c2)
-      : "memory");
-#endif
-}
-
-__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar,
-                                            int32_t c0, int32_t c1, int32_t c2, int32_t c3) {
-#if FUSEDOPS_SM90A_ENABLED
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-      "[%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(hopper::smem_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(hopper::smem_address(bar)), "r"(c0), "r"(c1),
-      "r"(c2), "r"(c3)
-      : "memory");
-#endif
-}
-
 // The box of 64 d-columns starting at column d0 and row `row` of (head, batch).
 __device__ __forceinline__ void tma_load_rows(void* dst, const CUtensorMap* map, uint64_t* bar,
                                               bool packed, int d0, int64_t row, int head,
                                               int batch) {
   if (packed) {
-    tma_load_3d(dst, map, bar, d0, static_cast<int32_t>(row), head);
+    hopper::tma_load_3d(dst, map, bar, d0, static_cast<int32_t>(row), head);
   } else {
-    tma_load_4d(dst, map, bar, d0, static_cast<int32_t>(row), head, batch);
+    hopper::tma_load_4d(dst, map, bar, d0, static_cast<int32_t>(row), head, batch);
   }
-}
-
-// Orders this thread's generic-proxy shared-memory writes before later async-proxy accesses
-// (wgmma operand reads, TMA writes) of the same memory.
-__device__ __forceinline__ void fence_async_shared() {
-#if FUSEDOPS_SM90A_ENABLED
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ float exp2_approx(float x) {  // ex2(-inf) = +0
@@ -379,12 +346,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t* a,
 #undef FUSEDOPS_ACC64
 #undef FUSEDOPS_ACC32
 #undef FUSEDOPS_ACC8
-
-template <int kN>
-__device__ __forceinline__ void fence_registers(float (&d)[kN]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) hopper::fence_register(d[i]);
-}
 
 // --- addressing shared by the kernels -------------------------------------------------------
 
@@ -665,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (packed && key_limit < kBlockN) {  // the next sequence's keys: zeros, not its data
     zero_tile_rows(tile_k, C::kBoxes, kBlockN, key_limit, consumer_thread, kConsumerThreads);
     zero_tile_rows(tile_v, C::kBoxes, kBlockN, key_limit, consumer_thread, kConsumerThreads);
-    fence_async_shared();
+    hopper::fence_proxy_async_shared();
     hopper::named_barrier_sync(kBarrierConsumers, kConsumerThreads);
   }
 
@@ -685,7 +646,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int first = static_cast<int>(len_q - m0);
         zero_tile_rows(q_stage, C::kBoxes, kBlockM, first, consumer_thread, kConsumerThreads);
         zero_tile_rows(do_stage, C::kBoxes, kBlockM, first, consumer_thread, kConsumerThreads);
-        fence_async_shared();
+        hopper::fence_proxy_async_shared();
         hopper::named_barrier_sync(kBarrierConsumers, kConsumerThreads);
       }
       // Mask: none when every row of the block (inside the sequence) sees every key.
@@ -732,7 +693,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float* lse_s = stage_lse + stage * kBlockM;
       const float* delta_s = stage_delta + stage * kBlockM;
       hopper::wgmma_wait_group<1>();
-      fence_registers(s);
+      hopper::fence_registers(s);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + 8 * j + 2 * t);
@@ -766,7 +727,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // dS^T = P^T (dP^T - delta).
       hopper::wgmma_wait_group<1>();  // dP^T (dV may still run)
-      fence_registers(dp);
+      hopper::fence_registers(dp);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const float2 delta2 = *reinterpret_cast<const float2*>(delta_s + 8 * j + 2 * t);
@@ -800,7 +761,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               ds_frag[2 * j + h];
         }
       }
-      fence_async_shared();
+      hopper::fence_proxy_async_shared();
       if constexpr (C::kDqSplitKeys) {  // literal ids: ptxas then reserves 4 barriers, not 16
         if (w == 0) {
           hopper::named_barrier_sync(kBarrierConsumer0, kWarpgroupThreads);
@@ -831,7 +792,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       hopper::wgmma_commit_group();
       hopper::wgmma_wait_group<0>();
-      fence_registers(dq);
+      hopper::fence_registers(dq);
       __syncwarp();
       if (lane == 0) hopper::mbarrier_arrive(&empty[stage]);  // Q, dO, lse, delta read
 
@@ -864,8 +825,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // dK (times scale) and dV of this consumer's keys, once: rows key_row + 8 h, columns
   // 8 j + 2 t, + 1.
-  fence_registers(dk);
-  fence_registers(dv);
+  hopper::fence_registers(dk);
+  hopper::fence_registers(dv);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int key = key_row + 8 * h;
@@ -889,12 +850,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // --- host -----------------------------------------------------------------------------------
 
-template <typename T>
-constexpr CUtensorMapDataType tensor_map_type() {
-  return std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-}
-
 // The TMA map of a q/k/v-shaped tensor: (d, row, head[, batch]) with boxes of 64 d x
 // box_rows rows x 1 x 1, 128-byte swizzle. `rows` is the row extent: Sq / Sk batched (rows
 // past it read as zeros), Tq / Tk packed.
@@ -902,8 +857,6 @@ template <typename T>
 cudaError_t rows_tensor_map(CUtensorMap* map, const AttentionTensor& tensor, bool packed,
                             int head_dim, int64_t rows, int heads, int batch,
                             uint32_t box_rows) {
-  const auto encode = tensor_map_encoder();
-  if (encode == nullptr) return cudaErrorNotSupported;
   constexpr uint64_t kBytes = sizeof(T);
   // bindings.cpp gives a dimension of extent 1 the stride 0; any valid stride does there.
   auto stride_bytes = [&](int64_t stride) -> cuuint64_t {
@@ -916,12 +869,8 @@ cudaError_t rows_tensor_map(CUtensorMap* map, const AttentionTensor& tensor, boo
                                  stride_bytes(tensor.head_stride),
                                  stride_bytes(tensor.batch_stride)};
   const cuuint32_t box[4] = {static_cast<cuuint32_t>(kBoxColumns), box_rows, 1, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult result =
-      encode(map, tensor_map_type<T>(), packed ? 3 : 4, tensor.data, dims, strides, box,
-             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return make_tensor_map(map, tensor.data, tensor_map_type<T>(), packed ? 3 : 4, dims, strides,
+                         box);
 }
 
 // TMA needs 16-byte aligned data and strides that are multiples of 16 bytes (8 elements),
@@ -937,26 +886,11 @@ bool tma_tensor_ok(const AttentionTensor& t, bool packed) {
 
 // Whether this file's sm_90a code can run on `device` (compute capability 9.0, sm_90a machine
 // code in the build, the driver's tensor-map encoder).
-bool sm90a_code_runs(int device) {
-  static std::atomic<int> known[64] = {};  // 0 unknown, 1 no, 2 yes
-  if (device < 0 || device >= 64) return false;
-  int answer = known[device].load(std::memory_order_relaxed);
-  if (answer == 0) {
-    int major = 0, minor = 0;
-    cudaFuncAttributes attributes{};
-    const bool yes =
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-            cudaSuccess &&
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
-            cudaSuccess &&
-        major == 9 && minor == 0 &&
-        cudaFuncGetAttributes(&attributes, attention_bwd_sm90_kernel<__nv_bfloat16, 128>) ==
-            cudaSuccess &&
-        attributes.binaryVersion == 90 && tensor_map_encoder() != nullptr;
-    answer = yes ? 2 : 1;
-    known[device].store(answer, std::memory_order_relaxed);
-  }
-  return answer == 2;
+bool sm90a_kernels_run(int device) {
+  static std::atomic<int> known[64] = {};
+  const void* kernel =
+      reinterpret_cast<const void*>(&attention_bwd_sm90_kernel<__nv_bfloat16, 128>);
+  return fusedops::sm90a_code_runs(kernel, device, known);
 }
 
 template <typename T, int kD>
@@ -1048,7 +982,7 @@ cudaError_t attention_bwd_sm90(const AttentionBwdParams& params, cudaStream_t st
   }
   int device = 0;
   FUSEDOPS_RETURN_IF_ERROR(cudaGetDevice(&device));
-  if (!sm90a_code_runs(device)) return cudaErrorNotSupported;
+  if (!sm90a_kernels_run(device)) return cudaErrorNotSupported;
   const bool bf16 = p.type == AttentionType::kBFloat16;
   if (p.head_dim == 64) {
     return bf16 ? launch<__nv_bfloat16, 64>(params, device, stream)

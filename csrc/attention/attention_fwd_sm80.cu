@@ -131,6 +131,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/ampere.cuh"
 #include "../common/check.cuh"
 #include "attention.h"
 #include "attention_mask.cuh"
@@ -273,52 +274,7 @@ __host__ __device__ __forceinline__ uint32_t copy_offset(uint32_t base, int p, i
                                       g * C::kCopyCols * kChunkBytes);
 }
 
-// ---- PTX wrappers ----
-
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c (16 x 8, float32) += a (16 x 16) b (16 x 8).
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16");
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
+// ---- PTX wrappers (the sm_80 ones are in ../common/ampere.cuh) ----
 
 // 2^x, MUFU.EX2 (flushes denormal results to 0; exp2(-inf) = 0).
 __device__ __forceinline__ float exp2_approx(float x) {
@@ -328,18 +284,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 
 // ---- end of PTX wrappers ----
-
-// Two floats as one register of two 16-bit elements, `lo` in the low half (round to nearest).
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
 
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -371,8 +315,9 @@ __device__ __forceinline__ void copy_tile(uint32_t tile, uint32_t thread_offset,
     const T* row = src + static_cast<int64_t>(p * C::kCopyRows) * row_stride;
 #pragma unroll
     for (int g = 0; g < C::kCopyGroups; ++g) {
-      cp_async_16(tile + copy_offset<kHeadDim>(thread_offset, p, g),
-                  inside ? row + g * C::kCopyCols * kChunkElems : fallback, inside ? 16u : 0u);
+      ampere::cp_async_cg_16(tile + copy_offset<kHeadDim>(thread_offset, p, g),
+                             inside ? row + g * C::kCopyCols * kChunkElems : fallback,
+                             inside ? 16u : 0u);
     }
   }
 }
@@ -385,7 +330,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   constexpr int kBlockN = C::kBlockN;
   constexpr int kMTiles = C::kMTiles;
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t smem_base = ampere::smem_address(smem);
   const AttentionProblem& pr = params.problem;
 
   const int thread = threadIdx.x;
@@ -466,7 +411,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
     copy_tile<T, kHeadDim, kBlockM>(
         q_tile, copy_base, q_base + q_seq + (row0 + copy.row) * pr.q.row_stride + copy_elem,
         pr.q.row_stride, copy.row, q_rows, q_base);
-    cp_async_commit();
+    ampere::cp_async_commit();
     const int64_t key0 = static_cast<int64_t>(n_first) * kBlockN + copy.row;
     const T* k_src = k_base + k_seq + key0 * pr.k.row_stride + copy_elem;
     const T* v_src = v_base + v_seq + key0 * pr.v.row_stride + copy_elem;
@@ -482,7 +427,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
       v_src += kBlockN * pr.v.row_stride;
     };
     load_block(n_first, 0);
-    cp_async_commit();
+    ampere::cp_async_commit();
 
     // The ldmatrix lane bases (tile-relative), fixed for the whole kernel. Q's 16-row block
     // of m tile mt is block warp * kMTiles + mt.
@@ -496,14 +441,14 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
     constexpr int kQSteps = C::kQInRegisters ? C::kDSteps : 1;
     uint32_t q_frag[kQTiles][kQSteps][4];
     if constexpr (C::kQInRegisters) {
-      cp_async_wait<1>();  // this thread's Q copies have landed
+      ampere::cp_async_wait<1>();  // this thread's Q copies have landed
       __syncthreads();     // everyone's have
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
         for (int kk = 0; kk < C::kDSteps; ++kk) {
-          ldmatrix_x4(q_frag[mt][kk],
-                      q_tile + step_offset<kHeadDim>(a_lane, warp * kMTiles + mt, kk));
+          ampere::ldmatrix_x4<false>(
+              q_frag[mt][kk], q_tile + step_offset<kHeadDim>(a_lane, warp * kMTiles + mt, kk));
         }
       }
       // The first iteration's barrier ends every warp's reads of Q before block n_first + 1
@@ -514,10 +459,10 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
     int stage = 0;
     auto process_block = [&](int n, auto masked) {
       constexpr bool kMasked = decltype(masked)::value;
-      cp_async_wait<0>();  // this thread's copies of block n have landed
+      ampere::cp_async_wait<0>();  // this thread's copies of block n have landed
       __syncthreads();     // everyone's have, and block n - 1's stage (or Q) is free
       if (n < n_last) load_block(n + 1, stage ^ 1);
-      cp_async_commit();
+      ampere::cp_async_commit();
 
       const uint32_t k_tile = stages + stage * C::kStageBytes;
       const uint32_t v_tile = k_tile + C::kKVBytes;
@@ -541,17 +486,18 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
 #pragma unroll
             for (int r = 0; r < 4; ++r) a[mt][r] = q_frag[mt][kk][r];
           } else {
-            ldmatrix_x4(a[mt], q_tile + step_offset<kHeadDim>(a_lane, warp * kMTiles + mt, kk));
+            ampere::ldmatrix_x4<false>(
+                a[mt], q_tile + step_offset<kHeadDim>(a_lane, warp * kMTiles + mt, kk));
           }
         }
 #pragma unroll
         for (int j = 0; j < C::kKeySteps; ++j) {
           uint32_t b[4];
-          ldmatrix_x4(b, k_tile + step_offset<kHeadDim>(k_lane, j, kk));
+          ampere::ldmatrix_x4<false>(b, k_tile + step_offset<kHeadDim>(k_lane, j, kk));
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
-            mma_16816<T>(s[mt][2 * j], a[mt], b[0], b[1]);
-            mma_16816<T>(s[mt][2 * j + 1], a[mt], b[2], b[3]);
+            ampere::mma_m16n8k16<T>(s[mt][2 * j], a[mt], b[0], b[1]);
+            ampere::mma_m16n8k16<T>(s[mt][2 * j + 1], a[mt], b[2], b[3]);
           }
         }
       }
@@ -624,19 +570,19 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
         uint32_t a[kMTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          a[mt][0] = pack_pair<T>(s[mt][2 * t][0], s[mt][2 * t][1]);
-          a[mt][1] = pack_pair<T>(s[mt][2 * t][2], s[mt][2 * t][3]);
-          a[mt][2] = pack_pair<T>(s[mt][2 * t + 1][0], s[mt][2 * t + 1][1]);
-          a[mt][3] = pack_pair<T>(s[mt][2 * t + 1][2], s[mt][2 * t + 1][3]);
+          a[mt][0] = ampere::pack2<T>(s[mt][2 * t][0], s[mt][2 * t][1]);
+          a[mt][1] = ampere::pack2<T>(s[mt][2 * t][2], s[mt][2 * t][3]);
+          a[mt][2] = ampere::pack2<T>(s[mt][2 * t + 1][0], s[mt][2 * t + 1][1]);
+          a[mt][3] = ampere::pack2<T>(s[mt][2 * t + 1][2], s[mt][2 * t + 1][3]);
         }
 #pragma unroll
         for (int dd = 0; dd < C::kDSteps; ++dd) {
           uint32_t b[4];
-          ldmatrix_x4_trans(b, v_tile + step_offset<kHeadDim>(a_lane, t, dd));
+          ampere::ldmatrix_x4<true>(b, v_tile + step_offset<kHeadDim>(a_lane, t, dd));
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
-            mma_16816<T>(acc[mt][2 * dd], a[mt], b[0], b[1]);
-            mma_16816<T>(acc[mt][2 * dd + 1], a[mt], b[2], b[3]);
+            ampere::mma_m16n8k16<T>(acc[mt][2 * dd], a[mt], b[0], b[1]);
+            ampere::mma_m16n8k16<T>(acc[mt][2 * dd + 1], a[mt], b[2], b[3]);
           }
         }
       }
@@ -652,7 +598,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
 #pragma unroll 1
     for (; n <= n_last; ++n) process_block(n, std::true_type{});
 
-    cp_async_wait<0>();
+    ampere::cp_async_wait<0>();
     __syncthreads();  // every warp is done with the stages before the staging tile reuses them
   }
 
@@ -668,7 +614,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
 #pragma unroll
       for (int ob = 0; ob < C::kOBlocks; ++ob) {
         *reinterpret_cast<uint32_t*>(staging + tile_offset<kHeadDim>(r, ob) + 4 * q) =
-            pack_pair<T>(acc[mt][ob][2 * h] * inverse, acc[mt][ob][2 * h + 1] * inverse);
+            ampere::pack2<T>(acc[mt][ob][2 * h] * inverse, acc[mt][ob][2 * h + 1] * inverse);
       }
       const int64_t i = row0 + r;
       if (q == 0 && i < len_q) {

@@ -204,38 +204,6 @@ struct FwdArgs {
 
 // --- sm_90a helpers that hopper.cuh does not have ---------------------------------------
 
-__device__ __forceinline__ void tma_load_3d(void* dst, const void* tensor_map, uint64_t* bar,
-                                            int32_t c0, int32_t c1, int32_t c2) {
-#if FUSEDOPS_SM90A_ENABLED
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-      "[%0], [%1, {%3, %4, %5}], [%2];" ::"r"(hopper::smem_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(hopper::smem_address(bar)), "r"(c0),
-      "r"(c1), "r"(c2)
-      : "memory");
-#endif
-}
-
-__device__ __forceinline__ void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
-                                            int32_t c0, int32_t c1, int32_t c2, int32_t c3) {
-#if FUSEDOPS_SM90A_ENABLED
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-      "[%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(hopper::smem_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(hopper::smem_address(bar)), "r"(c0),
-      "r"(c1), "r"(c2), "r"(c3)
-      : "memory");
-#endif
-}
-
-// Orders this thread's generic-proxy shared-memory writes before later async-proxy accesses
-// (wgmma operand reads) that a barrier makes them visible to.
-__device__ __forceinline__ void fence_proxy_async_shared() {
-#if FUSEDOPS_SM90A_ENABLED
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-#endif
-}
-
 // 2^x with MUFU.EX2 (flushes denormals; exp2(-inf) = 0).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -257,12 +225,6 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
     memcpy(&bits, &v, sizeof(bits));
   }
   return bits;
-}
-
-template <int kN>
-__device__ __forceinline__ void fence_registers(float (&r)[kN]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) hopper::fence_register(r[i]);
 }
 
 // --- warpgroup MMA --------------------------------------------------------------------------
@@ -534,11 +496,11 @@ __device__ __forceinline__ void load_tile(uint8_t* dst, int box_bytes, const CUt
 #pragma unroll
   for (int c = 0; c < kHeadDim / kBoxColumns; ++c) {
     if (packed) {
-      tma_load_3d(dst + c * box_bytes, map, bar, c * kBoxColumns, static_cast<int32_t>(row),
-                  head);
+      hopper::tma_load_3d(dst + c * box_bytes, map, bar, c * kBoxColumns,
+                          static_cast<int32_t>(row), head);
     } else {
-      tma_load_4d(dst + c * box_bytes, map, bar, c * kBoxColumns, static_cast<int32_t>(row),
-                  head, batch);
+      hopper::tma_load_4d(dst + c * box_bytes, map, bar, c * kBoxColumns,
+                          static_cast<int32_t>(row), head, batch);
     }
   }
 }
@@ -665,7 +627,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint4*>(v_tile + box * Smem::kKvBoxBytes + valid * kRowBytes +
                                   chunk * 16) = make_uint4(0u, 0u, 0u, 0u);
       }
-      fence_proxy_async_shared();
+      hopper::fence_proxy_async_shared();
       __syncwarp();
       if (lane == 0) hopper::mbarrier_arrive(&v_full[stage]);
     }
@@ -722,7 +684,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_qk<T, kHeadDim>(s, desc_q, desc_k0);
     hopper::wgmma_commit_group();
     hopper::wgmma_wait_group<0>();
-    fence_registers(s);
+    hopper::fence_registers(s);
     if (lane == 0) hopper::mbarrier_arrive(&k_empty[0]);
     softmax_block(0);  // O is still 0: its alpha is not needed
     convert_p<T, kBlockN>(p, s);
@@ -742,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       hopper::wgmma_commit_group();
 
       hopper::wgmma_wait_group<1>();  // S is done, the P V may still run
-      fence_registers(s);
+      hopper::fence_registers(s);
       if (lane == 0) hopper::mbarrier_arrive(&k_empty[stage]);
       softmax_block(i);
       // The next K's wait sits between the softmax and wait_group 0 on purpose: its try_wait
@@ -754,7 +716,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 
       hopper::wgmma_wait_group<0>();  // the P V is done: O and P are free
-      fence_registers(o);
+      hopper::fence_registers(o);
       if (lane == 0) hopper::mbarrier_arrive(&v_empty[previous]);
       rescale<kHeadDim>(o, alpha);
       convert_p<T, kBlockN>(p, s);
@@ -767,7 +729,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_pv<T, kHeadDim>(o, p, desc_v0 + last_stage * kStageStep);
     hopper::wgmma_commit_group();
     hopper::wgmma_wait_group<0>();
-    fence_registers(o);
+    hopper::fence_registers(o);
     if (lane == 0) hopper::mbarrier_arrive(&v_empty[last_stage]);
   }
 
@@ -832,20 +794,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <typename T>
-constexpr CUtensorMapDataType tensor_map_type() {
-  return std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-}
-
 // The TMA map of a q/k/v tensor: (d, row, head) packed, (d, row, head, batch) batched, boxes of
 // 64 d-columns x box_rows rows with the 128-byte swizzle; rows past `rows` read as zeros. The
 // stride of an extent-1 dimension is never used, so any valid value stands in for it.
 cudaError_t make_rows_tensor_map(CUtensorMap* map, CUtensorMapDataType type,
                                  const AttentionTensor& tensor, int head_dim, int64_t rows,
                                  int heads, int batch, bool packed, uint32_t box_rows) {
-  const auto encode = tensor_map_encoder();
-  if (encode == nullptr) return cudaErrorNotSupported;
   constexpr uint64_t kBytes = 2;
   const uint64_t dense = static_cast<uint64_t>(head_dim) * kBytes;
   auto stride = [&](int64_t extent, int64_t elements) {
@@ -857,12 +811,7 @@ cudaError_t make_rows_tensor_map(CUtensorMap* map, CUtensorMapDataType type,
                                  stride(heads, tensor.head_stride),
                                  stride(batch, tensor.batch_stride)};
   const cuuint32_t box[4] = {kBoxColumns, box_rows, 1, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult result =
-      encode(map, type, packed ? 3 : 4, tensor.data, dims, strides, box, element_strides,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return make_tensor_map(map, tensor.data, type, packed ? 3 : 4, dims, strides, box);
 }
 
 // Whether TMA can address a q/k/v tensor: 16-byte aligned data, strides of whole 16 bytes
@@ -971,28 +920,10 @@ cudaError_t launch_for_head_dim(const AttentionFwdParams& params, int device,
 }  // namespace
 
 bool attention_sm90_available(int device) {
-  // Per device: 0 not yet known, 1 no, 2 yes (a race only computes the answer twice).
   static std::atomic<int> known[64] = {};
-  if (device < 0 || device >= 64) return false;
-  int answer = known[device].load(std::memory_order_relaxed);
-  if (answer == 0) {
-    int major = 0, minor = 0;
-    cudaFuncAttributes attributes{};
-    // binaryVersion 90: this build carries sm_90a machine code (TORCH_CUDA_ARCH_LIST must
-    // name 9.0a, not 9.0, for the wgmma code to be compiled in).
-    const bool yes =
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-            cudaSuccess &&
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
-            cudaSuccess &&
-        major == 9 && minor == 0 &&
-        cudaFuncGetAttributes(&attributes, attention_fwd_sm90_kernel<__nv_bfloat16, 128>) ==
-            cudaSuccess &&
-        attributes.binaryVersion == 90 && tensor_map_encoder() != nullptr;
-    answer = yes ? 2 : 1;
-    known[device].store(answer, std::memory_order_relaxed);
-  }
-  return answer == 2;
+  const void* kernel =
+      reinterpret_cast<const void*>(&attention_fwd_sm90_kernel<__nv_bfloat16, 128>);
+  return fusedops::sm90a_code_runs(kernel, device, known);
 }
 
 bool attention_fwd_sm90_covers(const AttentionProblem& p) {

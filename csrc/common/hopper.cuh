@@ -1,6 +1,7 @@
 // hopper.cuh — the sm_90a building blocks of the warp-specialized tensor-core kernels:
-// mbarriers, TMA tile loads, warpgroup MMA (wgmma) fences and shared-memory descriptors,
-// register reallocation and named barriers, as thin inline-PTX wrappers.
+// mbarriers, TMA tile loads (2-D, 3-D, 4-D), the async-proxy fence, warpgroup MMA (wgmma)
+// fences and shared-memory descriptors, register reallocation and named barriers, as thin
+// inline-PTX wrappers.
 //
 // Everything here compiles only where the sm_90a features exist (__CUDA_ARCH_FEAT_SM90_ALL);
 // elsewhere the functions are empty, so a file that includes this header still compiles for
@@ -111,10 +112,43 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, u
 #endif
 }
 
+// The same for 3-D and 4-D tensor maps, coordinates innermost first.
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* tensor_map, uint64_t* bar,
+                                            int32_t c0, int32_t c1, int32_t c2) {
+#if FUSEDOPS_SM90A_ENABLED
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%3, %4, %5}], [%2];" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(smem_address(bar)), "r"(c0), "r"(c1),
+      "r"(c2)
+      : "memory");
+#endif
+}
+
+__device__ __forceinline__ void tma_load_4d(void* dst, const void* tensor_map, uint64_t* bar,
+                                            int32_t c0, int32_t c1, int32_t c2, int32_t c3) {
+#if FUSEDOPS_SM90A_ENABLED
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(smem_address(bar)), "r"(c0), "r"(c1),
+      "r"(c2), "r"(c3)
+      : "memory");
+#endif
+}
+
 __device__ __forceinline__ void tma_prefetch_descriptor(const void* tensor_map) {
 #if FUSEDOPS_SM90A_ENABLED
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tensor_map))
                : "memory");
+#endif
+}
+
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy accesses
+// (wgmma operand reads, TMA writes) of the same memory that a barrier makes them visible to.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if FUSEDOPS_SM90A_ENABLED
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
 }
 
@@ -155,6 +189,12 @@ __device__ __forceinline__ void wgmma_wait_group() {
 // asynchronous wgmma that owns it.
 __device__ __forceinline__ void fence_register(float& r) {
   asm volatile("" : "+f"(r)::"memory");
+}
+
+template <int kN>
+__device__ __forceinline__ void fence_registers(float (&r)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) fence_register(r[i]);
 }
 
 // --- registers and barriers --------------------------------------------------------------

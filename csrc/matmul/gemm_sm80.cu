@@ -138,6 +138,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/ampere.cuh"
 #include "../common/check.cuh"
 #include "epilogue.cuh"
 #include "gemm.h"
@@ -351,69 +352,16 @@ __host__ __device__ __forceinline__ SpillSlot spill_slot(int warp, int lane, int
           warp_tile_col(warp) + fn * kMmaN + 2 * q + e, e};
 }
 
-// ---- PTX wrappers ----
-
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-template <bool kTrans>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  if constexpr (kTrans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  }
-}
-
-// float32 bits to tf32 bits, rounded to nearest with ties away from zero (the tensor cores
-// would otherwise ignore the low 13 mantissa bits, i.e. truncate). Inf and NaN pass through.
-__device__ __forceinline__ uint32_t to_tf32(uint32_t bits) {
-  uint32_t tf32;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(tf32) : "r"(bits));
-  return tf32;
-}
-
-// One mma step, c (16 x 8, float32) += a b, fragments as in the top comment: m16n8k16 for the
-// 16-bit types (a 16 x 16, b 16 x 8), m16n8k8 tf32 for float32 (a 16 x 8, b 8 x 8; the
-// registers already hold tf32 bits).
+// One mma step, c (16 x 8, float32) += a b, fragments as in the top comment (and
+// ../common/ampere.cuh): m16n8k16 for the 16-bit types (a 16 x 16, b 16 x 8), m16n8k8 tf32
+// for float32 (a 16 x 8, b 8 x 8; the registers already hold tf32 bits, ampere::to_tf32).
 template <typename T>
 __device__ __forceinline__ void mma_step(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else if constexpr (std::is_same_v<T, float>) {
-    asm(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (std::is_same_v<T, float>) {
+    ampere::mma_m16n8k8_tf32(c, a, b0, b1);
   } else {
-    static_assert(std::is_same_v<T, __half>, "float16, bfloat16 or float32");
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ampere::mma_m16n8k16<T>(c, a, b0, b1);
   }
 }
 
@@ -483,7 +431,7 @@ struct OperandLoader {
       uint32_t bytes;
       chunk(i, k_left, from, bytes);
       const TileCoord at = copy_coord<T, kMnMajor>(thread, i);
-      cp_async_16(tile + smem_chunk_offset<T, kMnMajor>(at.row, at.k), from, bytes);
+      ampere::cp_async_cg_16(tile + smem_chunk_offset<T, kMnMajor>(at.row, at.k), from, bytes);
     }
     advance();
   }
@@ -495,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   constexpr bool kTf32 = std::is_same_v<T, float>;
   constexpr int kBlockK = block_k<T>();
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t smem_base = ampere::smem_address(smem);
 
   const int thread = threadIdx.x;
   const int lane = thread % 32;
@@ -524,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_blocks) load_block(s);
-    cp_async_commit();
+    ampere::cp_async_commit();
   }
 
   float acc[kFragsM][kFragsN][4];
@@ -544,10 +492,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   int write_stage = kStages - 1;
 #pragma unroll 1
   for (int64_t kb = 0; kb < k_blocks; ++kb) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of block kb have landed
+    ampere::cp_async_wait<kStages - 2>();  // this thread's copies of block kb have landed
     __syncthreads();               // everyone's have; and block kb - 1's stage is free
     if (kb + kStages - 1 < k_blocks) load_block(write_stage);
-    cp_async_commit();
+    ampere::cp_async_commit();
 
     const uint32_t a_tile = smem_base + read_stage * kStageBytes;
     const uint32_t b_tile = a_tile + kOperandBytes;
@@ -557,20 +505,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       uint32_t b[kFragsN / 2][4];  // ldmatrix j: n8 blocks 2j and 2j + 1
 #pragma unroll
       for (int fm = 0; fm < kFragsM; ++fm) {
-        ldmatrix_x4<kAMnMajor>(a[fm],
-                               a_tile + ldmatrix_offset<T, kAMnMajor>(a_offset0, fm, kk));
+        ampere::ldmatrix_x4<kAMnMajor>(a[fm],
+                                       a_tile + ldmatrix_offset<T, kAMnMajor>(a_offset0, fm, kk));
       }
 #pragma unroll
       for (int j = 0; j < kFragsN / 2; ++j) {
-        ldmatrix_x4<kBMnMajor>(b[j], b_tile + ldmatrix_offset<T, kBMnMajor>(b_offset0, j, kk));
+        ampere::ldmatrix_x4<kBMnMajor>(b[j],
+                                       b_tile + ldmatrix_offset<T, kBMnMajor>(b_offset0, j, kk));
       }
       if constexpr (kTf32) {  // once per loaded register: 16 + 8 per step
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
 #pragma unroll
-          for (int fm = 0; fm < kFragsM; ++fm) a[fm][r] = to_tf32(a[fm][r]);
+          for (int fm = 0; fm < kFragsM; ++fm) a[fm][r] = ampere::to_tf32(a[fm][r]);
 #pragma unroll
-          for (int j = 0; j < kFragsN / 2; ++j) b[j][r] = to_tf32(b[j][r]);
+          for (int j = 0; j < kFragsN / 2; ++j) b[j][r] = ampere::to_tf32(b[j][r]);
         }
       }
 #pragma unroll
@@ -587,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 
   // Only empty groups can still be pending, but the ring is about to be overwritten.
-  cp_async_wait<0>();
+  ampere::cp_async_wait<0>();
   __syncthreads();  // every warp is done reading the ring
 
   float* staging = reinterpret_cast<float*>(smem);

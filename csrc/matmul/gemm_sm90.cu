@@ -320,13 +320,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <typename T>
-constexpr CUtensorMapDataType tensor_map_type() {
-  if constexpr (std::is_same_v<T, float>) return CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
-  return std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-}
-
 // The TMA descriptor of an operand with `rows` rows along M or N and depth k.
 template <typename T>
 cudaError_t operand_tensor_map(CUtensorMap* map, const GemmOperand& operand, int64_t rows,
@@ -392,28 +385,10 @@ cudaError_t launch_for_majors(const GemmParams& params, int device, cudaStream_t
 }  // namespace
 
 bool gemm_sm90_available(int device) {
-  // Per device: 0 not yet known, 1 no, 2 yes (a race only computes the answer twice).
   static std::atomic<int> known[64] = {};
-  if (device < 0 || device >= 64) return false;
-  int answer = known[device].load(std::memory_order_relaxed);
-  if (answer == 0) {
-    int major = 0, minor = 0;
-    cudaFuncAttributes attributes{};
-    // binaryVersion 90: this build carries sm_90a machine code (TORCH_CUDA_ARCH_LIST must
-    // name 9.0a, not 9.0, for the wgmma code to be compiled in).
-    const bool yes =
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-            cudaSuccess &&
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
-            cudaSuccess &&
-        major == 9 && minor == 0 &&
-        cudaFuncGetAttributes(&attributes, gemm_sm90_kernel<__nv_bfloat16, false, false>) ==
-            cudaSuccess &&
-        attributes.binaryVersion == 90 && tensor_map_encoder() != nullptr;
-    answer = yes ? 2 : 1;
-    known[device].store(answer, std::memory_order_relaxed);
-  }
-  return answer == 2;
+  const void* kernel =
+      reinterpret_cast<const void*>(&gemm_sm90_kernel<__nv_bfloat16, false, false>);
+  return fusedops::sm90a_code_runs(kernel, device, known);
 }
 
 cudaError_t gemm_sm90(const GemmParams& params, int device, cudaStream_t stream) {
