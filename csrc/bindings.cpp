@@ -32,6 +32,7 @@
 #include <torch/version.h>
 
 #include "attention/attention.h"
+#include "conv/conv.h"
 #include "cross_entropy/cross_entropy.h"
 #include "matmul/gemm.h"
 
@@ -779,6 +780,265 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   return {grad_q, grad_k, grad_v};
 }
 
+// --- convolution (python/fusedops/dispatch/conv_contract.py) ------------------------------
+//
+// The kernels read dense NHWC activations and KRSC weights, with the implicit-GEMM kernels'
+// channel counts padded to multiples of 8 (zeros): the conversions below are the price of any
+// other layout or channel count (a channels_last input with C % 8 == 0 costs none).
+
+// (N, C, H, W) -> a dense (N, H, W, channels) tensor whose first `C` channels are `t`'s and the
+// rest zero (no copy when `t` is already dense channels_last and channels == C).
+at::Tensor nhwc(const at::Tensor& t, int64_t channels) {
+  const at::Tensor view = t.permute({0, 2, 3, 1});
+  if (channels == t.size(1) && view.is_contiguous()) return view;
+  at::Tensor dense = channels == t.size(1)
+                         ? at::empty(view.sizes(), t.options())
+                         : at::zeros({view.size(0), view.size(1), view.size(2), channels},
+                                     t.options());
+  dense.narrow(3, 0, t.size(1)).copy_(view);
+  return dense;
+}
+
+// (K, C, R, S) -> dense (k_rows, R, S, c_cols), zero-padded.
+at::Tensor krsc(const at::Tensor& w, int64_t k_rows, int64_t c_cols) {
+  at::Tensor dense = at::zeros({k_rows, w.size(2), w.size(3), c_cols}, w.options());
+  dense.narrow(0, 0, w.size(0)).narrow(3, 0, w.size(1)).copy_(w.permute({0, 2, 3, 1}));
+  return dense;
+}
+
+ConvGeometry conv_geometry(const at::Tensor& input, int64_t in_channels, int64_t out_channels,
+                           const at::Tensor& weight, int64_t stride_h, int64_t stride_w,
+                           int64_t pad_h, int64_t pad_w, int64_t dilation_h,
+                           int64_t dilation_w, int64_t out_h, int64_t out_w) {
+  ConvGeometry g{};
+  g.batch = input.size(0);
+  g.in_h = input.size(2);
+  g.in_w = input.size(3);
+  g.in_channels = in_channels;
+  g.out_channels = out_channels;
+  g.kernel_h = static_cast<int>(weight.size(2));
+  g.kernel_w = static_cast<int>(weight.size(3));
+  g.out_h = out_h;
+  g.out_w = out_w;
+  g.stride_h = static_cast<int>(stride_h);
+  g.stride_w = static_cast<int>(stride_w);
+  g.pad_h = static_cast<int>(pad_h);
+  g.pad_w = static_cast<int>(pad_w);
+  g.dilation_h = static_cast<int>(dilation_h);
+  g.dilation_w = static_cast<int>(dilation_w);
+  return g;
+}
+
+GemmType conv_type(const char* op, const at::Tensor& input, bool depthwise) {
+  if (input.scalar_type() == at::kFloat) {
+    TORCH_CHECK(depthwise, op, ": the CUDA implicit-GEMM convolution takes float16 and "
+                "bfloat16 (float32 runs on the Triton or torch tier)");
+    return GemmType::kFloat32;
+  }
+  TORCH_CHECK(input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16, op,
+              ": the CUDA convolution takes float16 and bfloat16 (and float32 depthwise), got ",
+              input.scalar_type());
+  return input.scalar_type() == at::kHalf ? GemmType::kFloat16 : GemmType::kBFloat16;
+}
+
+void check_conv(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                int64_t groups) {
+  TORCH_CHECK(input.is_cuda() && weight.device() == input.device(), op,
+              ": input and weight must be on one CUDA device");
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, op, ": input (N, C, H, W) and weight "
+              "(K, C / groups, R, S) must be 4-D");
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ",
+              weight.scalar_type(), " differs from the input's ", input.scalar_type());
+  const bool depthwise = groups != 1;
+  TORCH_CHECK(!depthwise || (groups == input.size(1) && weight.size(1) == 1 &&
+                             weight.size(0) % groups == 0),
+              op, ": groups must be 1 or the input channels (depthwise), got ", groups);
+  TORCH_CHECK(depthwise || weight.size(1) == input.size(1), op, ": weight (K, C, R, S) ",
+              weight.sizes(), " and input ", input.sizes(), " disagree on C");
+}
+
+// out (N, K, P, Q) in the asked layout from the dense NHWC result (K_pad >= K channels).
+at::Tensor from_nhwc(const at::Tensor& result, int64_t channels, bool channels_last) {
+  const at::Tensor view = result.narrow(3, 0, channels).permute({0, 3, 1, 2});
+  at::Tensor out = at::empty(view.sizes(), result.options().memory_format(
+                                               channels_last ? at::MemoryFormat::ChannelsLast
+                                                             : at::MemoryFormat::Contiguous));
+  const char* poison = std::getenv("FUSEDOPS_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
+    out.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  out.copy_(view);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t out_h,
+    int64_t out_w, int64_t groups, c10::string_view activation_name, bool out_channels_last,
+    bool allow_tf32) {
+  constexpr const char* op = "fusedops::conv2d_fwd_cuda";
+  check_conv(op, input, weight, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const bool depthwise = groups != 1;
+  const GemmType type = conv_type(op, input, depthwise);
+  const Activation activation = parse_activation(op, activation_name);
+  const bool keep_preact = saves_preactivation(activation);
+  const int64_t channels = input.size(1), features = weight.size(0);
+  const int64_t c_pad = depthwise ? channels : round_up8(channels);
+  const int64_t k_pad = depthwise ? features : round_up8(features);
+  const auto options = input.options();
+  const std::vector<int64_t> out_shape{input.size(0), features, out_h, out_w};
+  if (input.size(0) == 0 || features == 0 || out_h == 0 || out_w == 0) {
+    at::Tensor out = at::empty(out_shape, options);
+    return {out, keep_preact ? at::empty(out_shape, options) : at::empty({0}, options)};
+  }
+  const at::Tensor x = nhwc(input, c_pad);
+  at::Tensor bias_f32;
+  if (bias.has_value()) {
+    bias_f32 = at::zeros({k_pad}, options.dtype(at::kFloat));
+    bias_f32.narrow(0, 0, features).copy_(*bias);
+  }
+  at::Tensor residual_nhwc;
+  if (residual.has_value()) residual_nhwc = nhwc(residual->to(input.scalar_type()), k_pad);
+  at::Tensor result = at::empty({input.size(0), out_h, out_w, k_pad}, options);
+  at::Tensor preact = keep_preact ? at::empty_like(result) : at::Tensor();
+  const ConvGeometry geometry = conv_geometry(input, c_pad, k_pad, weight, stride_h, stride_w,
+                                              pad_h, pad_w, dilation_h, dilation_w, out_h,
+                                              out_w);
+  if (depthwise) {
+    const at::Tensor w = weight.reshape({features, weight.size(2), weight.size(3)}).contiguous();
+    DepthwiseFwdParams params{geometry, type, x.data_ptr(), w.data_ptr(),
+                              bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
+                              residual_nhwc.defined() ? residual_nhwc.data_ptr() : nullptr,
+                              activation, result.data_ptr(),
+                              keep_preact ? preact.data_ptr() : nullptr};
+    C10_CUDA_CHECK(depthwise_fwd(params, current_stream(input)));
+  } else {
+    const at::Tensor w = krsc(weight, k_pad, c_pad);
+    ConvFwdParams params{geometry, type, x.data_ptr(), w.data_ptr(),
+                         bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
+                         residual_nhwc.defined() ? residual_nhwc.data_ptr() : nullptr,
+                         activation, result.data_ptr(),
+                         keep_preact ? preact.data_ptr() : nullptr};
+    C10_CUDA_CHECK(conv_fwd_sm80(params, current_stream(input)));
+  }
+  at::Tensor out = from_nhwc(result, features, out_channels_last);
+  return {out, keep_preact ? from_nhwc(preact, features, out_channels_last)
+                           : at::empty({0}, options)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+    int64_t dilation_h, int64_t dilation_w, int64_t out_h, int64_t out_w, int64_t groups,
+    c10::string_view activation_name, bool allow_tf32, bool needs_input_grad,
+    bool needs_weight_grad, bool needs_bias_grad, bool needs_preact_grad) {
+  constexpr const char* op = "fusedops::conv2d_bwd_cuda";
+  check_conv(op, input, weight, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const bool depthwise = groups != 1;
+  const GemmType type = conv_type(op, input, depthwise);
+  const Activation activation = parse_activation(op, activation_name);
+  const int64_t batch = input.size(0), channels = input.size(1), features = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == batch && grad_out.size(1) == features &&
+                  grad_out.size(2) == out_h && grad_out.size(3) == out_w &&
+                  grad_out.scalar_type() == input.scalar_type(),
+              op, ": grad_out must be (N, K, out_h, out_w) in the input's dtype, got ",
+              grad_out.sizes());
+  const auto options = input.options();
+  auto empty = [&] { return at::empty({0}, options); };
+  at::Tensor grad_input = needs_input_grad ? new_output_like(input) : empty();
+  at::Tensor grad_weight = needs_weight_grad ? new_output_like(weight) : empty();
+  at::Tensor grad_bias = needs_bias_grad ? new_output({features}, weight.options()) : empty();
+  at::Tensor grad_preact = needs_preact_grad ? new_output_like(grad_out) : empty();
+  const int64_t pixels = batch * out_h * out_w;
+  if (pixels == 0 || features == 0 || channels == 0) {
+    for (at::Tensor* t : {&grad_input, &grad_weight, &grad_bias, &grad_preact}) t->zero_();
+    return {grad_input, grad_weight, grad_bias, grad_preact};
+  }
+  const int64_t c_pad = depthwise ? channels : round_up8(channels);
+  const int64_t k_pad = depthwise ? features : round_up8(features);
+  // dz = grad_out * act'(saved) on the (N*P*Q, K) view, into a zero-padded (.., k_pad) buffer,
+  // with the bias gradient from the same pass.
+  const at::Tensor g = nhwc(grad_out, features).reshape({pixels, features});
+  const at::Tensor s = activation == Activation::kNone
+                           ? g
+                           : nhwc(saved, features).reshape({pixels, features});
+  at::Tensor dz = k_pad == features && activation == Activation::kNone
+                      ? g
+                      : at::zeros({pixels, k_pad}, options);
+  at::Tensor grad_bias_f32 = needs_bias_grad ? at::empty({features}, options.dtype(at::kFloat))
+                                             : at::Tensor();
+  if (activation != Activation::kNone || dz.data_ptr() != g.data_ptr() || needs_bias_grad) {
+    at::Tensor partials = at::empty({needs_bias_grad
+                                         ? linear_bwd_prologue_partials_size(pixels, features)
+                                         : 0},
+                                    options.dtype(at::kFloat));
+    LinearBwdPrologueParams params{};
+    params.m = pixels;
+    params.n = features;
+    params.type = type;
+    params.activation = activation;
+    params.grad_out = g.data_ptr();
+    params.ld_grad_out = features;
+    params.saved = s.data_ptr();
+    params.ld_saved = features;
+    params.dz = dz.data_ptr() != g.data_ptr() ? dz.data_ptr() : nullptr;
+    params.ld_dz = k_pad;
+    params.grad_bias = needs_bias_grad ? grad_bias_f32.data_ptr<float>() : nullptr;
+    params.partials = needs_bias_grad ? partials.data_ptr<float>() : nullptr;
+    C10_CUDA_CHECK(linear_bwd_prologue(params, current_stream(input)));
+  }
+  if (needs_bias_grad) grad_bias.copy_(grad_bias_f32);
+  const at::Tensor dz_nhwc = dz.view({batch, out_h, out_w, k_pad});
+  if (needs_preact_grad) grad_preact.copy_(dz_nhwc.narrow(3, 0, features).permute({0, 3, 1, 2}));
+  if (!needs_input_grad && !needs_weight_grad) {
+    return {grad_input, grad_weight, grad_bias, grad_preact};
+  }
+  const ConvGeometry geometry = conv_geometry(input, c_pad, k_pad, weight, stride_h, stride_w,
+                                              pad_h, pad_w, dilation_h, dilation_w, out_h,
+                                              out_w);
+  const at::Tensor x = nhwc(input, c_pad);
+  const cudaStream_t stream = current_stream(input);
+  if (depthwise) {
+    const at::Tensor w = weight.reshape({features, weight.size(2), weight.size(3)}).contiguous();
+    at::Tensor gi = needs_input_grad ? at::empty({batch, input.size(2), input.size(3), channels},
+                                                 options)
+                                     : at::Tensor();
+    at::Tensor gw = needs_weight_grad ? at::empty({features, weight.size(2), weight.size(3)},
+                                                  options.dtype(at::kFloat))
+                                      : at::Tensor();
+    at::Tensor workspace = at::empty({depthwise_bwd_workspace_floats(geometry)},
+                                     options.dtype(at::kFloat));
+    DepthwiseBwdParams params{geometry, type, dz.data_ptr(), x.data_ptr(), w.data_ptr(),
+                              needs_input_grad ? gi.data_ptr() : nullptr,
+                              needs_weight_grad ? gw.data_ptr<float>() : nullptr,
+                              workspace.data_ptr<float>()};
+    C10_CUDA_CHECK(depthwise_bwd(params, stream));
+    if (needs_input_grad) grad_input.copy_(gi.permute({0, 3, 1, 2}));
+    if (needs_weight_grad) grad_weight.copy_(gw.view(weight.sizes()));
+    return {grad_input, grad_weight, grad_bias, grad_preact};
+  }
+  const at::Tensor w = krsc(weight, k_pad, c_pad);
+  if (needs_input_grad) {
+    at::Tensor gi = at::empty({batch, input.size(2), input.size(3), c_pad}, options);
+    ConvDgradParams params{geometry, type, dz.data_ptr(), w.data_ptr(), gi.data_ptr()};
+    C10_CUDA_CHECK(conv_dgrad_sm80(params, stream));
+    grad_input.copy_(gi.narrow(3, 0, channels).permute({0, 3, 1, 2}));
+  }
+  if (needs_weight_grad) {
+    at::Tensor gw = at::empty({k_pad, weight.size(2), weight.size(3), c_pad}, options);
+    at::Tensor workspace = at::empty({conv_wgrad_workspace_floats(geometry)},
+                                     options.dtype(at::kFloat));
+    ConvWgradParams params{geometry, type, dz.data_ptr(), x.data_ptr(), gw.data_ptr(),
+                           workspace.data_ptr<float>()};
+    C10_CUDA_CHECK(conv_wgrad_sm80(params, stream));
+    grad_weight.copy_(gw.narrow(0, 0, features).narrow(3, 0, channels).permute({0, 3, 1, 2}));
+  }
+  return {grad_input, grad_weight, grad_bias, grad_preact};
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
   pybind11::list arches;
@@ -800,7 +1060,8 @@ pybind11::dict build_info() {
   info["ops"] = pybind11::make_tuple("ce_fwd_cuda", "ce_bwd_cuda", "ce_bwd_inplace_cuda",
                                      "linear_fwd_cuda", "linear_bwd_cuda",
                                      "linear_weight_grad_accumulate_cuda",
-                                     "attention_fwd_cuda", "attention_bwd_cuda");
+                                     "attention_fwd_cuda", "attention_bwd_cuda",
+                                     "conv2d_fwd_cuda", "conv2d_bwd_cuda");
   return info;
 }
 
@@ -838,6 +1099,17 @@ TORCH_LIBRARY(fusedops, m) {
       "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
       "SymInt max_seqlen_k, float scale, int window_left, int window_right, bool allow_tf32, "
       "bool deterministic) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv2d_fwd_cuda(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, "
+      "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+      "SymInt out_h, SymInt out_w, int groups, str activation, bool out_channels_last, "
+      "bool allow_tf32) -> (Tensor, Tensor)");
+  m.def(
+      "conv2d_bwd_cuda(Tensor grad_out, Tensor input, Tensor weight, Tensor saved, "
+      "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+      "SymInt out_h, SymInt out_w, int groups, str activation, bool allow_tf32, "
+      "bool needs_input_grad, bool needs_weight_grad, bool needs_bias_grad, "
+      "bool needs_preact_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedops, CUDA, m) {
@@ -849,6 +1121,8 @@ TORCH_LIBRARY_IMPL(fusedops, CUDA, m) {
   m.impl("linear_weight_grad_accumulate_cuda", &fusedops::linear_weight_grad_accumulate_cuda);
   m.impl("attention_fwd_cuda", &fusedops::attention_fwd_cuda);
   m.impl("attention_bwd_cuda", &fusedops::attention_bwd_cuda);
+  m.impl("conv2d_fwd_cuda", &fusedops::conv2d_fwd_cuda);
+  m.impl("conv2d_bwd_cuda", &fusedops::conv2d_bwd_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

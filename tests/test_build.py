@@ -8,7 +8,7 @@ import torch
 
 import fusedops
 from fusedops import _extension
-from fusedops.dispatch import attention_contract, contract, linear_contract
+from fusedops.dispatch import attention_contract, contract, conv_contract, linear_contract
 
 _C_BUILT = importlib.util.find_spec("fusedops._C") is not None
 
@@ -64,7 +64,8 @@ def test_cuda_ops_match_the_contract_schemas():
     from fusedops.dispatch import cuda
 
     cuda.load()
-    schemas = {**contract.SCHEMAS, **linear_contract.SCHEMAS, **attention_contract.SCHEMAS}
+    schemas = {**contract.SCHEMAS, **linear_contract.SCHEMAS, **attention_contract.SCHEMAS,
+               **conv_contract.SCHEMAS}
     for op, schema in schemas.items():
         handle = getattr(torch.ops.fusedops, f"{op}_cuda").default
         declared = str(handle._schema)
@@ -98,6 +99,12 @@ def test_cuda_fakes_trace_on_meta_tensors():
     grads = torch.ops.fusedops.attention_bwd_cuda(out, q, k, k, out, lse, None, None, 100, 90,
                                                   0.1, 2**30, 0, False, False)
     assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+    x = torch.empty(2, 16, 9, 9, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(32, 16, 3, 3, dtype=torch.bfloat16, device="meta")
+    out, saved = torch.ops.fusedops.conv2d_fwd_cuda(x, w, None, None, 2, 2, 1, 1, 1, 1, 5, 5, 1,
+                                                    "silu", True, False)
+    assert out.shape == saved.shape == (2, 32, 5, 5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.skipif(not _C_BUILT, reason="fusedops._C was not built ahead of time here")

@@ -88,6 +88,15 @@ EXPECTATIONS: tuple[Expectation, ...] = (
     Expectation("attention backward dQ (deterministic) sm_80", r"\battention_bwd_dq_kernel<",
                 BOTH_ARCHES, 12, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM),
                                   ("cp.async", LDGSTS))),
+    # Convolution, sm_80 implicit GEMM: 2 dtypes x (forward, input grad, weight grad).
+    Expectation("conv implicit GEMM sm_80 (mma.sync + cp.async)", r"\bconv_sm80_kernel<",
+                BOTH_ARCHES, 6, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM),
+                                 ("cp.async", LDGSTS))),
+    # Depthwise, memory-bound: 3 dtypes; 16-byte accesses along channels.
+    Expectation("depthwise conv forward", r"\bdw_fwd_kernel<", BOTH_ARCHES, 3,
+                (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),
+    Expectation("depthwise conv input grad", r"\bdw_dgrad_kernel<", BOTH_ARCHES, 3,
+                (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),
     # Attention, sm_90a: 2 dtypes x head dims 64, 128, 256 (forward) and 64, 128 (backward).
     Expectation("attention forward sm_90a (wgmma + TMA)", r"\battention_fwd_sm90_kernel<",
                 ("sm_90a",), 6, (("warpgroup MMA", HGMMA), ("TMA tile loads", UTMALDG))),

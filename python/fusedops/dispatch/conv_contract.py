@@ -107,5 +107,14 @@ def register_conv_ops(tier: str, fwd_impl: Callable, bwd_impl: Callable,
     return ConvOps(*ops)
 
 
+def register_conv_fakes(tier: str) -> ConvOps:
+    """For ops defined in C++ (the CUDA tier): attach the fakes and return the op handles."""
+    torch.library.register_fake(op_name("conv2d_fwd", tier))(conv2d_fwd_fake)
+    torch.library.register_fake(op_name("conv2d_bwd", tier))(conv2d_bwd_fake)
+    ops = torch.ops.fusedops
+    return ConvOps(getattr(ops, f"conv2d_fwd_{tier}").default,
+                   getattr(ops, f"conv2d_bwd_{tier}").default)
+
+
 __all__ = ["ACTIVATIONS", "SAVES", "SCHEMAS", "ConvOps", "conv2d_bwd_fake", "conv2d_fwd_fake",
-           "output_like", "register_conv_ops"]
+           "output_like", "register_conv_fakes", "register_conv_ops"]

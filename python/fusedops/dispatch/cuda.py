@@ -16,7 +16,7 @@ import torch
 
 from fusedops import _extension
 from fusedops._compile import assume_constant_result
-from fusedops.dispatch import attention_contract, contract, linear_contract
+from fusedops.dispatch import attention_contract, contract, conv_contract, linear_contract
 
 NAME = "cuda"
 
@@ -48,6 +48,7 @@ def load() -> ModuleType:
             if _ops is None:
                 _linear_ops = linear_contract.register_linear_fakes(NAME)
                 attention_contract.register_attention_fakes(NAME)
+                conv_contract.register_conv_fakes(NAME)
                 _ops = contract.register_cross_entropy_fakes(NAME)
     return module
 
@@ -106,20 +107,15 @@ _GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def linear_unsupported(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        residual: torch.Tensor | None, activation: str) -> str | None:
     """None when the CUDA GEMM covers this call (input (M, K), weight (N, K)), else why not."""
-    if activation not in linear_contract.ACTIVATIONS:
-        return f"activation {activation!r} (the kernels take {linear_contract.ACTIVATIONS})"
-    if input.dtype not in _GEMM_DTYPES:
-        return f"{input.dtype} input: the CUDA GEMM takes float16, bfloat16 and float32 (tf32)"
+    reason = linear_contract.call_unsupported(input, weight, bias, residual, activation,
+                                              _GEMM_DTYPES, "the CUDA GEMM's kernels (tf32)")
+    if reason is not None:
+        return reason
     if input.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return ("float32 at full precision: the CUDA GEMM multiplies float32 only in tf32 "
                 "(torch.set_float32_matmul_precision('high') allows that)")
-    if weight.dtype != input.dtype:
-        return f"weight dtype {weight.dtype} differs from the input's {input.dtype}"
-    if input.dim() != 2 or weight.dim() != 2:
-        return "input and weight must be 2-D here (the functional layer flattens the batch)"
-    devices = {t.device for t in (input, weight, bias, residual) if t is not None}
-    if len(devices) != 1 or input.device.type != "cuda":
-        return f"the tensors are on {sorted(map(str, devices))}, not on one CUDA device"
+    if input.device.type != "cuda":
+        return f"the tensors are on {input.device}, not on a CUDA device"
     if input.shape[0] > _MAX_EXTENT or weight.shape[0] > _MAX_EXTENT:
         return f"M = {input.shape[0]} or N = {weight.shape[0]} is 2**31 or more"
     return None
@@ -185,3 +181,46 @@ def attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
     return torch.ops.fusedops.attention_bwd_cuda.default(
         grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         scale, window_left, window_right, allow_tf32, deterministic)
+
+
+# --- fused convolution (conv_contract.py; csrc/conv/) ------------------------------------
+
+_CONV_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def conv2d_unsupported(input, weight, bias, residual, groups, activation) -> str | None:
+    """None when the CUDA kernels cover this call (arguments already checked), else why not."""
+    if activation not in linear_contract.ACTIVATIONS:
+        return f"activation {activation!r} (the kernels take {linear_contract.ACTIVATIONS})"
+    channels = input.shape[1]
+    depthwise = groups != 1
+    if depthwise and not (groups == channels and weight.shape[1] == 1):
+        return (f"groups={groups} (the kernels take groups=1 and depthwise, groups == "
+                f"in_channels = {channels})")
+    pixels = input.shape[0] * input.shape[2] * input.shape[3]
+    if pixels >= 2 ** 31:  # pixel indices are 32-bit in the kernels (offsets are 64-bit)
+        return f"{pixels} input pixels (the kernels take fewer than 2**31)"
+    if input.dtype not in _CONV_DTYPES and not (depthwise and input.dtype == torch.float32):
+        return (f"{input.dtype} input: the CUDA convolution takes float16 and bfloat16 "
+                "(and float32 for depthwise)")
+    if input.device.type != "cuda":
+        return f"the tensors are on {input.device}, not on a CUDA device"
+    return None
+
+
+def conv2d_fwd(input, weight, bias, residual, stride_h, stride_w, pad_h, pad_w, dilation_h,
+               dilation_w, out_h, out_w, groups, activation, out_channels_last, allow_tf32):
+    _ensure_loaded()
+    return torch.ops.fusedops.conv2d_fwd_cuda.default(
+        input, weight, bias, residual, stride_h, stride_w, pad_h, pad_w, dilation_h,
+        dilation_w, out_h, out_w, groups, activation, out_channels_last, allow_tf32)
+
+
+def conv2d_bwd(grad_out, input, weight, saved, stride_h, stride_w, pad_h, pad_w, dilation_h,
+               dilation_w, out_h, out_w, groups, activation, allow_tf32, needs_input_grad,
+               needs_weight_grad, needs_bias_grad, needs_preact_grad):
+    _ensure_loaded()
+    return torch.ops.fusedops.conv2d_bwd_cuda.default(
+        grad_out, input, weight, saved, stride_h, stride_w, pad_h, pad_w, dilation_h,
+        dilation_w, out_h, out_w, groups, activation, allow_tf32, needs_input_grad,
+        needs_weight_grad, needs_bias_grad, needs_preact_grad)
