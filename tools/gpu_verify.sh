@@ -16,7 +16,7 @@
 #              python -m pytest $SANITIZER_TESTS -m "not large"         -> sanitizer.log
 #              (the op tests: on a CUDA machine every parity test runs on the GPU)
 #   racecheck  compute-sanitizer --tool racecheck (shared-memory hazards) on a few small
-#              cases of the CUDA GEMM and attention kernels (both paths) -> racecheck.log
+#              cases of the CUDA GEMM, attention and convolution kernels -> racecheck.log
 #   ncu        Nsight Compute on warm launches of the main GEMM and attention kernels and of
 #              cuBLAS / SDPA-flash (tools/profile_kernels.py): speed of light, memory,
 #              occupancy, warp stalls
@@ -77,11 +77,13 @@ rm -f "$WORK"/*.xml
 SUMMARY="$OUT/summary.txt"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-DEFAULT_SANITIZER_TESTS="tests/test_cross_entropy.py tests/test_cross_entropy_gpu.py tests/test_custom_ops.py tests/test_linear.py tests/test_linear_kernels.py tests/test_linear_cuda_gemm.py tests/test_linear_cross_entropy.py tests/test_attention.py tests/test_attention_cuda.py tests/test_sdpa.py tests/test_conv.py tests/test_conv_depthwise_kernels.py"
+DEFAULT_SANITIZER_TESTS="tests/test_cross_entropy.py tests/test_cross_entropy_gpu.py tests/test_custom_ops.py tests/test_linear.py tests/test_linear_kernels.py tests/test_linear_cuda_gemm.py tests/test_linear_cross_entropy.py tests/test_attention.py tests/test_attention_cuda.py tests/test_sdpa.py tests/test_conv.py tests/test_conv_cuda.py tests/test_conv_depthwise_kernels.py"
 # racecheck is slow (it tracks every shared-memory access): a few small cases of the kernels
 # that share memory between warps.
-RACECHECK_TESTS=(tests/test_linear_cuda_gemm.py tests/test_attention_cuda.py -m "not large" -k
-    "(127x65x129 and bfloat16 and gelu) or transposed or (ragged_and_grouped and 3x6x1)")
+RACECHECK_TESTS=(tests/test_linear_cuda_gemm.py tests/test_attention_cuda.py
+    tests/test_conv_cuda.py -m "not large" -k
+    "(127x65x129 and bfloat16 and gelu) or transposed or (ragged_and_grouped and 3x6x1)
+     or (against_float64 and float16 and s2)")
 NCU_WORKLOADS="gemm gemm_sm80 torch_mm linear_gelu attention sdpa_flash"
 
 STAGES=("$@")
