@@ -288,14 +288,29 @@ AUDIT_COLUMNS = (("HGMMA", HGMMA), ("HMMA", HMMA), ("UTMALDG", UTMALDG), ("LDGST
 
 
 def markdown_audit(kernels: dict[tuple[str, str], Kernel]) -> str:
-    """Every kernel of the library: resources and instruction counts, as a Markdown table."""
-    header = ["arch", "kernel", "regs", "stack+local B", "static smem B",
+    """Every kernel family of the library (instantiations grouped by the name before the
+    template arguments) per architecture: how many, registers, local memory (stack + spills),
+    static shared memory and instruction counts (a range over the instantiations), as a
+    Markdown table. The sm_90a-only kernels' empty bodies in the other builds are left out."""
+    def span(values):
+        low, high = min(values), max(values)
+        return str(low) if low == high else f"{low}–{high}"
+
+    families: dict[tuple[str, str], list[Kernel]] = {}
+    for kernel in kernels.values():
+        family = short_name(kernel.name).split("<")[0]
+        if "sm90" in family and kernel.arch != "sm_90a":
+            continue
+        families.setdefault((kernel.arch, family), []).append(kernel)
+    header = ["arch", "kernel", "instances", "regs", "stack+local B", "static smem B",
               *(name for name, _ in AUDIT_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for kernel in sorted(kernels.values(), key=lambda k: (k.arch, short_name(k.name))):
-        cells = [kernel.arch, f"`{short_name(kernel.name)}`", str(kernel.registers),
-                 str((kernel.local or 0) + (kernel.stack or 0)), str(kernel.shared or 0),
-                 *(str(count(kernel, pattern)) for _, pattern in AUDIT_COLUMNS)]
+    for (arch, family), members in sorted(families.items()):
+        cells = [arch, f"`{family.removeprefix('fusedops::')}`", str(len(members)),
+                 span([k.registers or 0 for k in members]),
+                 span([(k.local or 0) + (k.stack or 0) for k in members]),
+                 span([k.shared or 0 for k in members]),
+                 *(span([count(k, pattern) for k in members]) for _, pattern in AUDIT_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
