@@ -64,12 +64,12 @@
 
 #include <atomic>
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/ampere.cuh"
 #include "../common/check.cuh"
 #include "../common/vec.cuh"
 #include "../matmul/epilogue.cuh"
@@ -244,55 +244,6 @@ __host__ __device__ __forceinline__ bool exact_quotient(int num, int d, int limi
   return q < limit;
 }
 
-// ---- PTX wrappers ----
-
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-template <bool kTrans>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  if constexpr (kTrans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16");
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 // ---- The gathers ----
 
 enum class ConvOp : int { kFwd = 0, kDgrad = 1, kWgrad = 2 };
@@ -371,14 +322,14 @@ struct FwdGather {
                       static_cast<unsigned>(iw) < static_cast<unsigned>(p.in_w);
       const T* from =
           ok ? x + a_base[i] + (static_cast<int64_t>(ih) * p.in_w + iw) * p.in_c + ch : x;
-      cp_async_16(a_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
+      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const TileCoord at = copy_coord<false>(thread, i);
       const bool ok = inside && b_off[i] >= 0;
       const T* from = ok ? w + b_off[i] + j : w;
-      cp_async_16(b_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
+      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
     }
     j += kBlockK;
     advance_tap(ch, s, r, kBlockK, p.in_c, p.taps_w);
@@ -450,7 +401,7 @@ struct DgradGather {
                       exact_quotient(wp[i] - dw, p.stride_w, p.out_w, ow);
       const T* from =
           ok ? dz + a_base[i] + (static_cast<int64_t>(oh) * p.out_w + ow) * p.out_c + kc : dz;
-      cp_async_16(a_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
+      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
     }
     const int taps = p.taps_h * p.taps_w;
 #pragma unroll
@@ -460,7 +411,7 @@ struct DgradGather {
       const T* from = ok ? w + static_cast<int64_t>(b_k[i]) * p.rsc +
                                static_cast<int64_t>(b_tap[i]) * p.in_c + b_c
                          : w;
-      cp_async_16(b_tile + smem_chunk_offset<true>(at.row, at.k), from, ok ? 16u : 0u);
+      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<true>(at.row, at.k), from, ok ? 16u : 0u);
     }
     advance_tap(kc, s, r, kBlockK, p.out_c, p.taps_w);
 #pragma unroll
@@ -517,7 +468,8 @@ struct WgradGather {
       const bool in_split = px < pix_end;
       const bool a_ok = in_split && a_k >= 0;
       const T* a_from = a_ok ? dz + static_cast<int64_t>(px) * p.out_c + a_k : dz;
-      cp_async_16(a_tile + smem_chunk_offset<true>(at.row, at.k), a_from, a_ok ? 16u : 0u);
+      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<true>(at.row, at.k), a_from,
+                             a_ok ? 16u : 0u);
       // The pixel's (n, oh, ow) only matter when the chunk is read.
       const int q = in_split ? px : 0;
       const int n = q / pq;
@@ -531,7 +483,8 @@ struct WgradGather {
                         static_cast<unsigned>(iw) < static_cast<unsigned>(p.in_w);
       const T* b_from =
           b_ok ? x + ((static_cast<int64_t>(n) * p.in_h + ih) * p.in_w + iw) * p.in_c + b_c : x;
-      cp_async_16(b_tile + smem_chunk_offset<true>(at.row, at.k), b_from, b_ok ? 16u : 0u);
+      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<true>(at.row, at.k), b_from,
+                             b_ok ? 16u : 0u);
     }
     pix += kBlockK;
   }
@@ -567,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   constexpr bool kAMnMajor = Traits::kAMnMajor;
   constexpr bool kBMnMajor = Traits::kBMnMajor;
   extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t smem_base = ampere::smem_address(smem);
 
   const int thread = threadIdx.x;
   const int lane = thread % 32;
@@ -603,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_blocks) load_block(s);
-    cp_async_commit();
+    ampere::cp_async_commit();
   }
 
   float acc[kFragsM][kFragsN][4];
@@ -623,10 +576,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   int write_stage = kStages - 1;
 #pragma unroll 1
   for (int kb = 0; kb < k_blocks; ++kb) {
-    cp_async_wait<kStages - 2>();
+    ampere::cp_async_wait<kStages - 2>();
     __syncthreads();
     if (kb + kStages - 1 < k_blocks) load_block(write_stage);
-    cp_async_commit();
+    ampere::cp_async_commit();
 
     const uint32_t a_tile = smem_base + read_stage * kStageBytes;
     const uint32_t b_tile = a_tile + kOperandBytes;
@@ -636,18 +589,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       uint32_t b[kFragsN / 2][4];
 #pragma unroll
       for (int fm = 0; fm < kFragsM; ++fm) {
-        ldmatrix_x4<kAMnMajor>(a[fm], a_tile + ldmatrix_offset<kAMnMajor>(a_offset0, fm, kk));
+        ampere::ldmatrix_x4<kAMnMajor>(a[fm],
+                                       a_tile + ldmatrix_offset<kAMnMajor>(a_offset0, fm, kk));
       }
 #pragma unroll
       for (int j = 0; j < kFragsN / 2; ++j) {
-        ldmatrix_x4<kBMnMajor>(b[j], b_tile + ldmatrix_offset<kBMnMajor>(b_offset0, j, kk));
+        ampere::ldmatrix_x4<kBMnMajor>(b[j], b_tile + ldmatrix_offset<kBMnMajor>(b_offset0, j, kk));
       }
 #pragma unroll
       for (int fm = 0; fm < kFragsM; ++fm) {
 #pragma unroll
         for (int fn = 0; fn < kFragsN; ++fn) {
-          mma_16816<T>(acc[fm][fn], a[fm], b[fn / 2][b_ldmatrix_reg(fn, 0)],
-                       b[fn / 2][b_ldmatrix_reg(fn, 1)]);
+          ampere::mma_m16n8k16<T>(acc[fm][fn], a[fm], b[fn / 2][b_ldmatrix_reg(fn, 0)],
+                                  b[fn / 2][b_ldmatrix_reg(fn, 1)]);
         }
       }
     }
@@ -655,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     write_stage = write_stage == kStages - 1 ? 0 : write_stage + 1;
   }
 
-  cp_async_wait<0>();
+  ampere::cp_async_wait<0>();
   __syncthreads();  // every warp is done reading the ring: it becomes the staging tile
 
   float* staging = reinterpret_cast<float*>(smem);
