@@ -507,7 +507,7 @@ __device__ __forceinline__ void store_acc(unsigned char* tile, const float (&acc
       for (int h = 0; h < 2; ++h) {
         const TileCoord at = acc_coord(lane, f, n, h);
         *reinterpret_cast<uint32_t*>(tile + tile_offset<kPitch>(row0 + at.row, col0 + at.col)) =
-            ampere::pack2<T>(acc[f][n][2 * h] * scale, acc[f][n][2 * h + 1] * scale);
+            pack2<T>(acc[f][n][2 * h] * scale, acc[f][n][2 * h + 1] * scale);
       }
     }
   }
@@ -1004,9 +1004,9 @@ __global__ void __launch_bounds__(QGeometry<kD>::kThreads, 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int n = 2 * j + half;
-        ds[j][2 * half] = ampere::pack2<T>(s[0][n][0] * (dp[0][n][0] - delta[0]),
+        ds[j][2 * half] = pack2<T>(s[0][n][0] * (dp[0][n][0] - delta[0]),
                                            s[0][n][1] * (dp[0][n][1] - delta[0]));
-        ds[j][2 * half + 1] = ampere::pack2<T>(s[0][n][2] * (dp[0][n][2] - delta[1]),
+        ds[j][2 * half + 1] = pack2<T>(s[0][n][2] * (dp[0][n][2] - delta[1]),
                                                s[0][n][3] * (dp[0][n][3] - delta[1]));
       }
     }

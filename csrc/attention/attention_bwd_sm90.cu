@@ -223,19 +223,6 @@ __device__ __forceinline__ void red_add_v4(float* address, float a, float b, flo
 #endif
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t bits;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    bits = *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    bits = *reinterpret_cast<const uint32_t*>(&v);
-  }
-  return bits;
-}
-
 // Descriptors of one 16-wide k step `kk` of a tile made of 64-column boxes `box_bytes` apart
 // (see the top comment and hopper.cuh).
 __device__ __forceinline__ uint64_t k_major_descriptor(const uint8_t* tile, int box_bytes,

@@ -133,6 +133,7 @@
 
 #include "../common/ampere.cuh"
 #include "../common/check.cuh"
+#include "../common/dtype.cuh"
 #include "attention.h"
 #include "attention_mask.cuh"
 
@@ -570,10 +571,10 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
         uint32_t a[kMTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          a[mt][0] = ampere::pack2<T>(s[mt][2 * t][0], s[mt][2 * t][1]);
-          a[mt][1] = ampere::pack2<T>(s[mt][2 * t][2], s[mt][2 * t][3]);
-          a[mt][2] = ampere::pack2<T>(s[mt][2 * t + 1][0], s[mt][2 * t + 1][1]);
-          a[mt][3] = ampere::pack2<T>(s[mt][2 * t + 1][2], s[mt][2 * t + 1][3]);
+          a[mt][0] = pack2<T>(s[mt][2 * t][0], s[mt][2 * t][1]);
+          a[mt][1] = pack2<T>(s[mt][2 * t][2], s[mt][2 * t][3]);
+          a[mt][2] = pack2<T>(s[mt][2 * t + 1][0], s[mt][2 * t + 1][1]);
+          a[mt][3] = pack2<T>(s[mt][2 * t + 1][2], s[mt][2 * t + 1][3]);
         }
 #pragma unroll
         for (int dd = 0; dd < C::kDSteps; ++dd) {
@@ -614,7 +615,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
 #pragma unroll
       for (int ob = 0; ob < C::kOBlocks; ++ob) {
         *reinterpret_cast<uint32_t*>(staging + tile_offset<kHeadDim>(r, ob) + 4 * q) =
-            ampere::pack2<T>(acc[mt][ob][2 * h] * inverse, acc[mt][ob][2 * h + 1] * inverse);
+            pack2<T>(acc[mt][ob][2 * h] * inverse, acc[mt][ob][2 * h + 1] * inverse);
       }
       const int64_t i = row0 + r;
       if (q == 0 && i < len_q) {

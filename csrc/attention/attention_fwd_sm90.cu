@@ -127,6 +127,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/check.cuh"
+#include "../common/dtype.cuh"
 #include "../common/hopper.cuh"
 #include "../common/tensor_map.h"
 #include "attention.h"
@@ -209,22 +210,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-// Two floats as one .b32 of two 16-bit values, `lo` in the low half (the lower column).
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  uint32_t bits;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    static_assert(sizeof(v) == sizeof(bits), "");
-    memcpy(&bits, &v, sizeof(bits));
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    static_assert(sizeof(v) == sizeof(bits), "");
-    memcpy(&bits, &v, sizeof(bits));
-  }
-  return bits;
 }
 
 // --- warpgroup MMA --------------------------------------------------------------------------
@@ -485,7 +470,7 @@ template <typename T, int kBlockN>
 __device__ __forceinline__ void convert_p(uint32_t (&p)[kBlockN / 4],
                                           const float (&s)[kBlockN / 2]) {
 #pragma unroll
-  for (int k = 0; k < kBlockN / 4; ++k) p[k] = pack_pair<T>(s[2 * k], s[2 * k + 1]);
+  for (int k = 0; k < kBlockN / 4; ++k) p[k] = pack2<T>(s[2 * k], s[2 * k + 1]);
 }
 
 // One K or V tile (or the Q tile): kHeadDim / 64 boxes of `rows` x 64 columns at row `row`.
@@ -766,7 +751,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint8_t* at = staging + (j / 8) * Smem::kQBoxBytes + r * kRowBytes +
                     (((j % 8) ^ (r % 8)) * 16) + col0 * 2;
       *reinterpret_cast<uint32_t*>(at) =
-          pack_pair<T>(o[4 * j + 2 * h] * inv_sum[h], o[4 * j + 2 * h + 1] * inv_sum[h]);
+          pack2<T>(o[4 * j + 2 * h] * inv_sum[h], o[4 * j + 2 * h + 1] * inv_sum[h]);
     }
   }
   hopper::named_barrier_sync(1 + warpgroup, kWarpgroupThreads);

@@ -18,8 +18,8 @@
 //   mma_m16n8k16<T>     c (16x8 f32) += a (16x16) b (16x8), T = __half or __nv_bfloat16
 //   mma_m16n8k8_tf32    c (16x8 f32) += a (16x8) b (8x8), operands already tf32 bits
 //   to_tf32             float bits -> tf32 bits, rounded to nearest, ties away from zero
-//   pack2<T>            two floats -> one register of two T (__half2 / __nv_bfloat162 bits),
-//                       rounded to nearest, `lo` in the low half (a fragment's lower column / k)
+//   (pack2<T>, two floats -> one register of two T with `lo` in the low half, is in
+//   dtype.cuh: the wgmma kernels use it too)
 //
 // Fragment conventions of mma.sync .row.col (PTX ISA, "Matrix Fragments for mma.m16n8k16"),
 // with g = lane / 4 (the group, 0..7) and t = lane % 4 (the thread in the group, 0..3):
@@ -125,23 +125,6 @@ __device__ __forceinline__ uint32_t to_tf32(uint32_t bits) {
   return tf32;
 }
 
-// --- packing -----------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t bits;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    static_assert(sizeof(v) == sizeof(bits), "");
-    memcpy(&bits, &v, sizeof(bits));
-  } else {
-    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16");
-    const __half2 v = __floats2half2_rn(lo, hi);
-    static_assert(sizeof(v) == sizeof(bits), "");
-    memcpy(&bits, &v, sizeof(bits));
-  }
-  return bits;
-}
 
 }  // namespace ampere
 }  // namespace fusedops

@@ -6,6 +6,10 @@
 // only the explicit intrinsics below are used, never implicit conversions.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -24,6 +28,24 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// Two floats rounded to T and packed in one 32-bit register, `lo` in the low half: the
+// operand format of the tensor-core instructions (mma.sync and wgmma A fragments).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    static_assert(sizeof(v) == sizeof(bits), "");
+    memcpy(&bits, &v, sizeof(bits));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "float16 or bfloat16");
+    const __half2 v = __floats2half2_rn(lo, hi);
+    static_assert(sizeof(v) == sizeof(bits), "");
+    memcpy(&bits, &v, sizeof(bits));
+  }
+  return bits;
 }
 
 }  // namespace fusedops
