@@ -194,3 +194,23 @@ def test_float32_at_full_precision_is_refused():
             fusedops.linear(x, w)
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_ops_pass_opcheck(gemm_path):
+    """The C++ ops with their Python fakes: schema, fake tensor and autograd registration."""
+    from fusedops.dispatch import cuda
+
+    cuda.load()
+    ops = torch.ops.fusedops
+    x = torch.randn(37, 24, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(16, 24, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(16, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(37, 16, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(ops.linear_fwd_cuda.default, (x, w, b, r, "silu", False))
+    out, saved = ops.linear_fwd_cuda.default(x, w, b, r, "silu", False)
+    torch.library.opcheck(ops.linear_bwd_cuda.default,
+                          (torch.randn_like(out), x, w, saved, "silu", False, True, True, True,
+                           True))
+    torch.library.opcheck(ops.linear_weight_grad_accumulate_cuda.default,
+                          (torch.randn_like(out), x, torch.zeros(16, 24, device="cuda"),
+                           torch.zeros(16, device="cuda"), False))
