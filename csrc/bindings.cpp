@@ -557,15 +557,17 @@ void linear_weight_grad_accumulate_cuda(const at::Tensor& grad_out, const at::Te
 
 // --- attention (python/fusedops/dispatch/attention_contract.py) --------------------------
 
-// A tensor shaped like `like`, laid out like it (empty_like), NaN-poisoned like new_output.
-at::Tensor new_output_like(const at::Tensor& like) {
-  at::Tensor t = at::empty_like(like);
+// `t` filled with NaN when FUSEDOPS_POISON_OUTPUTS=1, as new_output does.
+at::Tensor poisoned(at::Tensor t) {
   const char* poison = std::getenv("FUSEDOPS_POISON_OUTPUTS");
   if (poison != nullptr && std::strcmp(poison, "1") == 0) {
     t.fill_(std::numeric_limits<double>::quiet_NaN());
   }
   return t;
 }
+
+// A tensor shaped like `like`, laid out like it (empty_like), NaN-poisoned like new_output.
+at::Tensor new_output_like(const at::Tensor& like) { return poisoned(at::empty_like(like)); }
 
 // The kernels read (batch, row, head, d) with d contiguous, every other stride a multiple of
 // 8 elements and the data 16-byte aligned; anything else is copied to a dense tensor first.
@@ -857,18 +859,27 @@ void check_conv(const char* op, const at::Tensor& input, const at::Tensor& weigh
               weight.sizes(), " and input ", input.sizes(), " disagree on C");
 }
 
-// out (N, K, P, Q) in the asked layout from the dense NHWC result (K_pad >= K channels).
-at::Tensor from_nhwc(const at::Tensor& result, int64_t channels, bool channels_last) {
-  const at::Tensor view = result.narrow(3, 0, channels).permute({0, 3, 1, 2});
-  at::Tensor out = at::empty(view.sizes(), result.options().memory_format(
-                                               channels_last ? at::MemoryFormat::ChannelsLast
-                                                             : at::MemoryFormat::Contiguous));
-  const char* poison = std::getenv("FUSEDOPS_POISON_OUTPUTS");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
-    out.fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-  out.copy_(view);
-  return out;
+// An (N, K, P, Q) output in the asked layout and the dense NHWC (N, P, Q, k_pad) buffer the
+// kernels write: the output's own storage when it is channels_last and k_pad == K (no copy
+// afterwards), else a separate buffer that finish_nhwc copies over.
+struct NhwcOutput {
+  at::Tensor out;
+  at::Tensor buffer;
+};
+
+NhwcOutput nhwc_output(const at::TensorOptions& options, int64_t batch, int64_t channels,
+                       int64_t padded, int64_t height, int64_t width, bool channels_last) {
+  at::Tensor out = poisoned(at::empty({batch, channels, height, width},
+                                      options.memory_format(
+                                          channels_last ? at::MemoryFormat::ChannelsLast
+                                                        : at::MemoryFormat::Contiguous)));
+  if (channels_last && padded == channels) return {out, out.permute({0, 2, 3, 1})};
+  return {out, at::empty({batch, height, width, padded}, options)};
+}
+
+void finish_nhwc(NhwcOutput& target) {
+  if (target.buffer.data_ptr() == target.out.data_ptr()) return;
+  target.out.copy_(target.buffer.narrow(3, 0, target.out.size(1)).permute({0, 3, 1, 2}));
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(
@@ -888,10 +899,12 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(
   const int64_t c_pad = depthwise ? channels : round_up8(channels);
   const int64_t k_pad = depthwise ? features : round_up8(features);
   const auto options = input.options();
-  const std::vector<int64_t> out_shape{input.size(0), features, out_h, out_w};
   if (input.size(0) == 0 || features == 0 || out_h == 0 || out_w == 0) {
-    at::Tensor out = at::empty(out_shape, options);
-    return {out, keep_preact ? at::empty(out_shape, options) : at::empty({0}, options)};
+    auto empty_out = [&] {
+      return nhwc_output(options, input.size(0), features, k_pad, out_h, out_w,
+                         out_channels_last).out;
+    };
+    return {empty_out(), keep_preact ? empty_out() : at::empty({0}, options)};
   }
   const at::Tensor x = nhwc(input, c_pad);
   at::Tensor bias_f32;
@@ -901,8 +914,13 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(
   }
   at::Tensor residual_nhwc;
   if (residual.has_value()) residual_nhwc = nhwc(residual->to(input.scalar_type()), k_pad);
-  at::Tensor result = at::empty({input.size(0), out_h, out_w, k_pad}, options);
-  at::Tensor preact = keep_preact ? at::empty_like(result) : at::Tensor();
+  NhwcOutput out = nhwc_output(options, input.size(0), features, k_pad, out_h, out_w,
+                               out_channels_last);
+  NhwcOutput preact;
+  if (keep_preact) {
+    preact = nhwc_output(options, input.size(0), features, k_pad, out_h, out_w,
+                         out_channels_last);
+  }
   const ConvGeometry geometry = conv_geometry(input, c_pad, k_pad, weight, stride_h, stride_w,
                                               pad_h, pad_w, dilation_h, dilation_w, out_h,
                                               out_w);
@@ -911,21 +929,22 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(
     DepthwiseFwdParams params{geometry, type, x.data_ptr(), w.data_ptr(),
                               bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
                               residual_nhwc.defined() ? residual_nhwc.data_ptr() : nullptr,
-                              activation, result.data_ptr(),
-                              keep_preact ? preact.data_ptr() : nullptr};
+                              activation, out.buffer.data_ptr(),
+                              keep_preact ? preact.buffer.data_ptr() : nullptr};
     C10_CUDA_CHECK(depthwise_fwd(params, current_stream(input)));
   } else {
     const at::Tensor w = krsc(weight, k_pad, c_pad);
     ConvFwdParams params{geometry, type, x.data_ptr(), w.data_ptr(),
                          bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr,
                          residual_nhwc.defined() ? residual_nhwc.data_ptr() : nullptr,
-                         activation, result.data_ptr(),
-                         keep_preact ? preact.data_ptr() : nullptr};
+                         activation, out.buffer.data_ptr(),
+                         keep_preact ? preact.buffer.data_ptr() : nullptr};
     C10_CUDA_CHECK(conv_fwd_sm80(params, current_stream(input)));
   }
-  at::Tensor out = from_nhwc(result, features, out_channels_last);
-  return {out, keep_preact ? from_nhwc(preact, features, out_channels_last)
-                           : at::empty({0}, options)};
+  finish_nhwc(out);
+  if (!keep_preact) return {out.out, at::empty({0}, options)};
+  finish_nhwc(preact);
+  return {out.out, preact.out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(
@@ -1022,10 +1041,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(
   }
   const at::Tensor w = krsc(weight, k_pad, c_pad);
   if (needs_input_grad) {
-    at::Tensor gi = at::empty({batch, input.size(2), input.size(3), c_pad}, options);
+    // Straight into grad_input when it is channels_last with C % 8 == 0, else via a buffer.
+    const at::Tensor grad_input_nhwc = grad_input.permute({0, 2, 3, 1});
+    const bool direct = c_pad == channels && grad_input_nhwc.is_contiguous();
+    at::Tensor gi = direct ? grad_input_nhwc
+                           : at::empty({batch, input.size(2), input.size(3), c_pad}, options);
     ConvDgradParams params{geometry, type, dz.data_ptr(), w.data_ptr(), gi.data_ptr()};
     C10_CUDA_CHECK(conv_dgrad_sm80(params, stream));
-    grad_input.copy_(gi.narrow(3, 0, channels).permute({0, 3, 1, 2}));
+    if (!direct) grad_input.copy_(gi.narrow(3, 0, channels).permute({0, 3, 1, 2}));
   }
   if (needs_weight_grad) {
     at::Tensor gw = at::empty({k_pad, weight.size(2), weight.size(3), c_pad}, options);
