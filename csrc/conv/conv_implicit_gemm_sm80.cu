@@ -74,45 +74,21 @@
 #include "../common/vec.cuh"
 #include "../matmul/epilogue.cuh"
 #include "../matmul/gemm.h"
+#include "../matmul/gemm_sm80_tile.cuh"
 #include "conv.h"
 
 namespace fusedops {
 namespace {
 
-// The tile, warp and pipeline shape are gemm_sm80's (see its top comment for the swizzles,
-// the fragment layouts and the register / shared-memory budget), 16-bit types only.
-constexpr int kBlockM = 128;
-constexpr int kBlockN = 128;
-constexpr int kBlockK = 32;
-constexpr int kStages = 4;
-constexpr int kGroupM = 8;
-constexpr int kThreads = 256;
-constexpr int kMinBlocksPerSm = 2;
-constexpr int kWarpsN = 4;
-constexpr int kWarpTileM = 64;
-constexpr int kWarpTileN = 32;
-constexpr int kMmaM = 16;
-constexpr int kMmaN = 8;
-constexpr int kMmaK = 16;
-constexpr int kFragsM = kWarpTileM / kMmaM;  // 4
-constexpr int kFragsN = kWarpTileN / kMmaN;  // 4
-constexpr int kChunkBytes = 16;
-constexpr int kChunkElems = 8;               // 16-bit elements per chunk
-constexpr int kKChunks = kBlockK / kChunkElems;   // 4 chunks per K-major row
-constexpr int kKSteps = kBlockK / kMmaK;          // 2
-constexpr int kTileRows = 128;
-constexpr int kRowChunks = kTileRows / kChunkElems;  // 16 chunks per MN-major k-row
-constexpr int kOperandBytes = kTileRows * kBlockK * 2;  // 8 KB
-constexpr int kStageBytes = 2 * kOperandBytes;
-constexpr int kPipelineBytes = kStages * kStageBytes;  // 64 KB
-constexpr int kTileLd = kBlockN + kTilePad;
-constexpr int kStagingBytes = kBlockM * kTileLd * static_cast<int>(sizeof(float));
-constexpr int kSmemBytes = kPipelineBytes > kStagingBytes ? kPipelineBytes : kStagingBytes;
-// A thread's two chunks of an operand: K-major rows t/4 and t/4 + 64 (k 8 (t % 4)); MN-major
-// k-rows t/16 and t/16 + 16 (rows 8 (t % 16) ..).
-constexpr int kKMajorRowStep = kThreads / kKChunks;  // 64
-constexpr int kMnMajorKStep = kThreads / kRowChunks;  // 16
-static_assert(kKMajorRowStep * 2 == kTileRows && kMnMajorKStep * 2 == kBlockK, "2 chunks each");
+using namespace sm80_tile;
+
+// The tile, warp and pipeline shape, the shared-memory layout, the fragment loads, the MMA
+// step and the accumulator spill are gemm_sm80's (gemm_sm80_tile.cuh; gemm_sm80.cu's top
+// comment explains the swizzles, the fragment layouts and the register / shared-memory
+// budget), 16-bit types only.
+constexpr int kBlockK = block_k<__half>();  // 32
+static_assert(kBlockK == 32 && kKMajorRowStep * 2 == kTileRows && kMnMajorKStep * 2 == kBlockK,
+              "2 chunks each");
 
 // wgrad's split: the CTA count aimed at (2 waves of 2 CTAs on 128 SMs) and the fewest k blocks
 // (32 pixels each) a split keeps, so the partials' traffic stays small next to the gathers.
@@ -120,101 +96,7 @@ constexpr int64_t kWgradTargetCtas = 2 * 2 * 128;
 constexpr int64_t kWgradMinBlocks = 8;
 constexpr int kReduceThreads = 256;
 
-// ---- Index arithmetic (as gemm_sm80.cu's; __host__ too so a host model can check it) ----
-
-template <bool kMnMajor>
-__host__ __device__ __forceinline__ uint32_t smem_chunk_offset(int row, int k) {
-  if constexpr (kMnMajor) {
-    return static_cast<uint32_t>(k * (kRowChunks * kChunkBytes) +
-                                 (((row / kChunkElems) ^ (k % 8)) * kChunkBytes));
-  } else {
-    return static_cast<uint32_t>(row * (kKChunks * kChunkBytes) +
-                                 (((k / kChunkElems) ^ ((row / 2) % 4)) * kChunkBytes));
-  }
-}
-
-struct TileCoord {
-  int row;
-  int k;
-};
-
-template <bool kMnMajor>
-__host__ __device__ __forceinline__ TileCoord copy_coord(int thread, int i) {
-  if constexpr (kMnMajor) {
-    return {(thread % kRowChunks) * kChunkElems, thread / kRowChunks + i * kMnMajorKStep};
-  } else {
-    return {thread / kKChunks + i * kKMajorRowStep, (thread % kKChunks) * kChunkElems};
-  }
-}
-
-template <bool kMnMajor, bool kBOrder>
-__host__ __device__ __forceinline__ TileCoord ldmatrix_coord(int lane, int row16, int k0) {
-  const int matrix = lane / 8;
-  const int rh = kBOrder ? matrix / 2 : matrix % 2;
-  const int kh = kBOrder ? matrix % 2 : matrix / 2;
-  if constexpr (kMnMajor) {
-    return {row16 + 8 * rh, k0 + 8 * kh + lane % 8};
-  } else {
-    return {row16 + 8 * rh + lane % 8, k0 + kChunkElems * kh};
-  }
-}
-
-template <bool kMnMajor>
-__host__ __device__ __forceinline__ uint32_t ldmatrix_offset(uint32_t offset0, int f, int kk) {
-  if constexpr (kMnMajor) {
-    return (offset0 ^ static_cast<uint32_t>(f * 2 * kChunkBytes)) +
-           static_cast<uint32_t>(kk * kMmaK * kRowChunks * kChunkBytes);
-  } else {
-    return (offset0 ^ static_cast<uint32_t>(kk * 2 * kChunkBytes)) +
-           static_cast<uint32_t>(f * kMmaM * kKChunks * kChunkBytes);
-  }
-}
-
-__host__ __device__ __forceinline__ void tile_position(uint32_t tile, uint32_t tiles_m,
-                                                       uint32_t tiles_n, uint32_t& tile_m,
-                                                       uint32_t& tile_n) {
-  const uint32_t group_size = kGroupM * tiles_n;
-  const uint32_t group = tile / group_size;
-  const uint32_t first_m = group * kGroupM;
-  const uint32_t rows_in_group =
-      tiles_m - first_m < static_cast<uint32_t>(kGroupM) ? tiles_m - first_m : kGroupM;
-  const uint32_t in_group = tile - group * group_size;
-  tile_m = first_m + in_group % rows_in_group;
-  tile_n = in_group / rows_in_group;
-}
-
-__host__ __device__ __forceinline__ int warp_tile_row(int warp) {
-  return (warp / kWarpsN) * kWarpTileM;
-}
-__host__ __device__ __forceinline__ int warp_tile_col(int warp) {
-  return (warp % kWarpsN) * kWarpTileN;
-}
-
-template <bool kMnMajor>
-__host__ __device__ __forceinline__ uint32_t a_ldmatrix_offset0(int lane, int warp) {
-  const TileCoord at = ldmatrix_coord<kMnMajor, false>(lane, warp_tile_row(warp), 0);
-  return smem_chunk_offset<kMnMajor>(at.row, at.k);
-}
-template <bool kMnMajor>
-__host__ __device__ __forceinline__ uint32_t b_ldmatrix_offset0(int lane, int warp) {
-  const TileCoord at = ldmatrix_coord<kMnMajor, true>(lane, warp_tile_col(warp), 0);
-  return smem_chunk_offset<kMnMajor>(at.row, at.k);
-}
-__host__ __device__ constexpr int b_ldmatrix_reg(int fn, int r) { return 2 * (fn % 2) + r; }
-
-struct SpillSlot {
-  int row;
-  int col;
-  int e;
-};
-__host__ __device__ __forceinline__ SpillSlot spill_slot(int warp, int lane, int fm, int fn,
-                                                         int h, int s) {
-  const int g = lane / 4;
-  const int q = lane % 4;
-  const int e = s ^ (q / 2);
-  return {warp_tile_row(warp) + fm * kMmaM + g + 8 * h,
-          warp_tile_col(warp) + fn * kMmaN + 2 * q + e, e};
-}
+// ---- Depth arithmetic (__host__ too so a host model can check it) ----
 
 // Advances a (tap, channel) position along a depth ordered (r, s, ch) with ch fastest by
 // `step` (<= 32) channels: ch < channels afterwards. At most 32 / channels + 1 carries.
@@ -279,7 +161,7 @@ struct FwdGather {
     const int pq = p.out_h * p.out_w;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const TileCoord at = copy_coord<false>(thread, i);
+      const TileCoord at = copy_coord<T, false>(thread, i);
       const int64_t row = row0 + at.row;
       if (row < p.m) {
         const int pix = static_cast<int>(row);
@@ -298,7 +180,7 @@ struct FwdGather {
       const int64_t col = col0 + at.row;
       b_off[i] = col < p.n ? col * p.rsc : -1;
     }
-    j = copy_coord<false>(thread, 0).k;
+    j = copy_coord<T, false>(thread, 0).k;
     ch = 0;
     s = 0;
     r = 0;
@@ -314,7 +196,7 @@ struct FwdGather {
     const int dw = s * p.dil_w;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const TileCoord at = copy_coord<false>(thread, i);
+      const TileCoord at = copy_coord<T, false>(thread, i);
       const int ih = ih0[i] + dh;
       const int iw = iw0[i] + dw;
       const bool ok = inside && a_base[i] >= 0 &&
@@ -322,14 +204,16 @@ struct FwdGather {
                       static_cast<unsigned>(iw) < static_cast<unsigned>(p.in_w);
       const T* from =
           ok ? x + a_base[i] + (static_cast<int64_t>(ih) * p.in_w + iw) * p.in_c + ch : x;
-      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
+      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<T, false>(at.row, at.k), from,
+                             ok ? 16u : 0u);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const TileCoord at = copy_coord<false>(thread, i);
+      const TileCoord at = copy_coord<T, false>(thread, i);
       const bool ok = inside && b_off[i] >= 0;
       const T* from = ok ? w + b_off[i] + j : w;
-      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
+      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<T, false>(at.row, at.k), from,
+                             ok ? 16u : 0u);
     }
     j += kBlockK;
     advance_tap(ch, s, r, kBlockK, p.in_c, p.taps_w);
@@ -353,7 +237,7 @@ struct DgradGather {
     const int hw = p.in_h * p.in_w;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const TileCoord at = copy_coord<false>(thread, i);
+      const TileCoord at = copy_coord<T, false>(thread, i);
       const int64_t row = row0 + at.row;
       if (row < p.m) {
         const int pix = static_cast<int>(row);
@@ -373,15 +257,15 @@ struct DgradGather {
     kc = 0;
     s = 0;
     r = 0;
-    advance_tap(kc, s, r, copy_coord<false>(thread, 0).k, p.out_c, p.taps_w);
+    advance_tap(kc, s, r, copy_coord<T, false>(thread, 0).k, p.out_c, p.taps_w);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int k = 0, tap_s = 0, tap_r = 0;  // taps counted flat: r*S + s as "s" with S = infinity
-      advance_tap(k, tap_s, tap_r, copy_coord<true>(thread, i).k, p.out_c, INT32_MAX);
+      advance_tap(k, tap_s, tap_r, copy_coord<T, true>(thread, i).k, p.out_c, INT32_MAX);
       b_k[i] = k;
       b_tap[i] = tap_s;
     }
-    const int64_t c = col0 + copy_coord<true>(thread, 0).row;
+    const int64_t c = col0 + copy_coord<T, true>(thread, 0).row;
     b_c = c < p.n ? static_cast<int>(c) : -1;
   }
 
@@ -394,24 +278,26 @@ struct DgradGather {
     const int dw = s * p.dil_w;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const TileCoord at = copy_coord<false>(thread, i);
+      const TileCoord at = copy_coord<T, false>(thread, i);
       int oh = 0, ow = 0;
       const bool ok = inside && a_base[i] >= 0 &&
                       exact_quotient(hp[i] - dh, p.stride_h, p.out_h, oh) &&
                       exact_quotient(wp[i] - dw, p.stride_w, p.out_w, ow);
       const T* from =
           ok ? dz + a_base[i] + (static_cast<int64_t>(oh) * p.out_w + ow) * p.out_c + kc : dz;
-      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<false>(at.row, at.k), from, ok ? 16u : 0u);
+      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<T, false>(at.row, at.k), from,
+                             ok ? 16u : 0u);
     }
     const int taps = p.taps_h * p.taps_w;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const TileCoord at = copy_coord<true>(thread, i);
+      const TileCoord at = copy_coord<T, true>(thread, i);
       const bool ok = b_c >= 0 && b_tap[i] < taps;
       const T* from = ok ? w + static_cast<int64_t>(b_k[i]) * p.rsc +
                                static_cast<int64_t>(b_tap[i]) * p.in_c + b_c
                          : w;
-      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<true>(at.row, at.k), from, ok ? 16u : 0u);
+      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<T, true>(at.row, at.k), from,
+                             ok ? 16u : 0u);
     }
     advance_tap(kc, s, r, kBlockK, p.out_c, p.taps_w);
 #pragma unroll
@@ -436,11 +322,11 @@ struct WgradGather {
                                                   int64_t col0, int thread, int split) {
     const int64_t begin = static_cast<int64_t>(split) * p.k_blocks * kBlockK;
     const int64_t end = begin + static_cast<int64_t>(p.k_blocks) * kBlockK;
-    pix = static_cast<int>(begin) + copy_coord<true>(thread, 0).k;
+    pix = static_cast<int>(begin) + copy_coord<T, true>(thread, 0).k;
     pix_end = static_cast<int>(end < p.pixels ? end : p.pixels);
-    const int64_t k = row0 + copy_coord<true>(thread, 0).row;
+    const int64_t k = row0 + copy_coord<T, true>(thread, 0).row;
     a_k = k < p.m ? static_cast<int>(k) : -1;
-    const int64_t col = col0 + copy_coord<true>(thread, 0).row;
+    const int64_t col = col0 + copy_coord<T, true>(thread, 0).row;
     if (col < p.n) {
       const int j = static_cast<int>(col);
       const int tap = j / p.in_c;
@@ -463,12 +349,12 @@ struct WgradGather {
     const int pq = p.out_h * p.out_w;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const TileCoord at = copy_coord<true>(thread, i);
+      const TileCoord at = copy_coord<T, true>(thread, i);
       const int px = pix + i * kMnMajorKStep;
       const bool in_split = px < pix_end;
       const bool a_ok = in_split && a_k >= 0;
       const T* a_from = a_ok ? dz + static_cast<int64_t>(px) * p.out_c + a_k : dz;
-      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<true>(at.row, at.k), a_from,
+      ampere::cp_async_cg_16(a_tile + smem_chunk_offset<T, true>(at.row, at.k), a_from,
                              a_ok ? 16u : 0u);
       // The pixel's (n, oh, ow) only matter when the chunk is read.
       const int q = in_split ? px : 0;
@@ -483,7 +369,7 @@ struct WgradGather {
                         static_cast<unsigned>(iw) < static_cast<unsigned>(p.in_w);
       const T* b_from =
           b_ok ? x + ((static_cast<int64_t>(n) * p.in_h + ih) * p.in_w + iw) * p.in_c + b_c : x;
-      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<true>(at.row, at.k), b_from,
+      ampere::cp_async_cg_16(b_tile + smem_chunk_offset<T, true>(at.row, at.k), b_from,
                              b_ok ? 16u : 0u);
     }
     pix += kBlockK;
@@ -560,17 +446,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 
   float acc[kFragsM][kFragsN][4];
-#pragma unroll
-  for (int fm = 0; fm < kFragsM; ++fm) {
-#pragma unroll
-    for (int fn = 0; fn < kFragsN; ++fn) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[fm][fn][e] = 0.0f;
-    }
-  }
+  zero_accumulators(acc);
 
-  const uint32_t a_offset0 = a_ldmatrix_offset0<kAMnMajor>(lane, warp);
-  const uint32_t b_offset0 = b_ldmatrix_offset0<kBMnMajor>(lane, warp);
+  const uint32_t a_offset0 = a_ldmatrix_offset0<T, kAMnMajor>(lane, warp);
+  const uint32_t b_offset0 = b_ldmatrix_offset0<T, kBMnMajor>(lane, warp);
 
   int read_stage = 0;
   int write_stage = kStages - 1;
@@ -587,23 +466,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     for (int kk = 0; kk < kKSteps; ++kk) {
       uint32_t a[kFragsM][4];
       uint32_t b[kFragsN / 2][4];
-#pragma unroll
-      for (int fm = 0; fm < kFragsM; ++fm) {
-        ampere::ldmatrix_x4<kAMnMajor>(a[fm],
-                                       a_tile + ldmatrix_offset<kAMnMajor>(a_offset0, fm, kk));
-      }
-#pragma unroll
-      for (int j = 0; j < kFragsN / 2; ++j) {
-        ampere::ldmatrix_x4<kBMnMajor>(b[j], b_tile + ldmatrix_offset<kBMnMajor>(b_offset0, j, kk));
-      }
-#pragma unroll
-      for (int fm = 0; fm < kFragsM; ++fm) {
-#pragma unroll
-        for (int fn = 0; fn < kFragsN; ++fn) {
-          ampere::mma_m16n8k16<T>(acc[fm][fn], a[fm], b[fn / 2][b_ldmatrix_reg(fn, 0)],
-                                  b[fn / 2][b_ldmatrix_reg(fn, 1)]);
-        }
-      }
+      load_fragments<T, kAMnMajor, kBMnMajor>(a, b, a_tile, b_tile, a_offset0, b_offset0, kk);
+      mma_fragments<T>(acc, a, b);
     }
     read_stage = read_stage == kStages - 1 ? 0 : read_stage + 1;
     write_stage = write_stage == kStages - 1 ? 0 : write_stage + 1;
@@ -613,21 +477,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   __syncthreads();  // every warp is done reading the ring: it becomes the staging tile
 
   float* staging = reinterpret_cast<float*>(smem);
-#pragma unroll
-  for (int fm = 0; fm < kFragsM; ++fm) {
-#pragma unroll
-    for (int fn = 0; fn < kFragsN; ++fn) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          const SpillSlot at = spill_slot(warp, lane, fm, fn, h, s);
-          staging[at.row * kTileLd + at.col] = at.e == 0 ? acc[fm][fn][2 * h]
-                                                         : acc[fm][fn][2 * h + 1];
-        }
-      }
-    }
-  }
+  spill_accumulators(staging, acc, warp, lane);
   __syncthreads();
   if constexpr (kOp == ConvOp::kWgrad) {
     // This split's partials: workspace[split] as a (K, R*S*C) float32 matrix.
