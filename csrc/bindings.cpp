@@ -316,12 +316,17 @@ at::Tensor float_bias(const std::optional<at::Tensor>& bias) {
   return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 }
 
+// The kernel family an environment variable forces: "sm80" (mma.sync, runs on sm_90 too) or
+// "sm90" (wgmma; an error where it cannot run); anything else lets the kernels choose.
+GemmPath forced_path(const char* variable) {
+  const char* value = std::getenv(variable);
+  if (value != nullptr && std::strcmp(value, "sm80") == 0) return GemmPath::kSm80;
+  if (value != nullptr && std::strcmp(value, "sm90") == 0) return GemmPath::kSm90;
+  return GemmPath::kAuto;
+}
+
 void run_gemm(const char* op, const GemmParams& params, const at::Tensor& like) {
-  const char* path_env = std::getenv("FUSEDOPS_GEMM_PATH");  // "sm80" forces mma.sync
-  GemmPath path = GemmPath::kAuto;
-  if (path_env != nullptr && std::strcmp(path_env, "sm80") == 0) path = GemmPath::kSm80;
-  if (path_env != nullptr && std::strcmp(path_env, "sm90") == 0) path = GemmPath::kSm90;
-  const cudaError_t status = gemm(params, path, current_stream(like));
+  const cudaError_t status = gemm(params, forced_path("FUSEDOPS_GEMM_PATH"), current_stream(like));
   TORCH_CHECK(status != cudaErrorNotSupported, op,
               ": FUSEDOPS_GEMM_PATH=sm90 but this device or build has no sm_90a GEMM");
   C10_CUDA_CHECK(status);
@@ -877,6 +882,15 @@ NhwcOutput nhwc_output(const at::TensorOptions& options, int64_t batch, int64_t 
   return {out, at::empty({batch, height, width, padded}, options)};
 }
 
+// The implicit-GEMM convolution's status: FUSEDOPS_CONV_PATH=sm90 where no sm_90a kernel
+// covers the call is the caller's error, anything else a CUDA one.
+void check_conv_status(const char* op, cudaError_t status) {
+  TORCH_CHECK(status != cudaErrorNotSupported, op,
+              ": FUSEDOPS_CONV_PATH=sm90 but this device or build has no sm_90a convolution "
+              "kernel for this call");
+  C10_CUDA_CHECK(status);
+}
+
 void finish_nhwc(NhwcOutput& target) {
   if (target.buffer.data_ptr() == target.out.data_ptr()) return;
   target.out.copy_(target.buffer.narrow(3, 0, target.out.size(1)).permute({0, 3, 1, 2}));
@@ -939,7 +953,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(
                          residual_nhwc.defined() ? residual_nhwc.data_ptr() : nullptr,
                          activation, out.buffer.data_ptr(),
                          keep_preact ? preact.buffer.data_ptr() : nullptr};
-    C10_CUDA_CHECK(conv_fwd_sm80(params, current_stream(input)));
+    check_conv_status(op, conv_fwd(params, forced_path("FUSEDOPS_CONV_PATH"),
+                                    current_stream(input)));
   }
   finish_nhwc(out);
   if (!keep_preact) return {out.out, at::empty({0}, options)};
@@ -1047,7 +1062,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(
     at::Tensor gi = direct ? grad_input_nhwc
                            : at::empty({batch, input.size(2), input.size(3), c_pad}, options);
     ConvDgradParams params{geometry, type, dz.data_ptr(), w.data_ptr(), gi.data_ptr()};
-    C10_CUDA_CHECK(conv_dgrad_sm80(params, stream));
+    check_conv_status(op, conv_dgrad(params, forced_path("FUSEDOPS_CONV_PATH"), stream));
     if (!direct) grad_input.copy_(gi.narrow(3, 0, channels).permute({0, 3, 1, 2}));
   }
   if (needs_weight_grad) {
@@ -1056,7 +1071,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(
                                      options.dtype(at::kFloat));
     ConvWgradParams params{geometry, type, dz.data_ptr(), x.data_ptr(), gw.data_ptr(),
                            workspace.data_ptr<float>()};
-    C10_CUDA_CHECK(conv_wgrad_sm80(params, stream));
+    check_conv_status(op, conv_wgrad(params, forced_path("FUSEDOPS_CONV_PATH"), stream));
     grad_weight.copy_(gw.narrow(0, 0, features).narrow(3, 0, channels).permute({0, 3, 1, 2}));
   }
   return {grad_input, grad_weight, grad_bias, grad_preact};

@@ -74,11 +74,19 @@ struct ConvWgradParams {
   float* workspace;           // conv_wgrad_workspace_floats(...) floats
 };
 
-bool conv_implicit_gemm_sm90_available(int device);  // false until an sm_90a kernel exists
+// The implicit-GEMM entry points. `path` (gemm.h's GemmPath) picks the kernel family: kAuto
+// runs the sm_90a (wgmma) kernel where this build and the device have it and it covers the
+// (op, type), else the sm_80 (mma.sync) one; kSm80 forces the latter (it runs on sm_90 too);
+// kSm90 returns cudaErrorNotSupported where the sm_90a kernel cannot run. `ran`, when given,
+// receives the path that ran.
+bool conv_implicit_gemm_sm90_available(int device);
 int64_t conv_wgrad_workspace_floats(const ConvGeometry& geometry);
-cudaError_t conv_fwd_sm80(const ConvFwdParams& params, cudaStream_t stream);
-cudaError_t conv_dgrad_sm80(const ConvDgradParams& params, cudaStream_t stream);
-cudaError_t conv_wgrad_sm80(const ConvWgradParams& params, cudaStream_t stream);
+cudaError_t conv_fwd(const ConvFwdParams& params, GemmPath path, cudaStream_t stream,
+                     GemmPath* ran = nullptr);
+cudaError_t conv_dgrad(const ConvDgradParams& params, GemmPath path, cudaStream_t stream,
+                       GemmPath* ran = nullptr);
+cudaError_t conv_wgrad(const ConvWgradParams& params, GemmPath path, cudaStream_t stream,
+                       GemmPath* ran = nullptr);
 
 // Depthwise (groups == C, channel multiplier M = K / C: output channel k reads input channel
 // k / M), direct: memory-bound, 16-byte vectors along channels. x (N, H, W, C), w (K, R, S)
