@@ -10,8 +10,9 @@
 # the stages asked for, in the order tests, sanitizer, bench:
 #
 #   tests      python -m pytest tests -m "gpu or not gpu"              -> tests.log
-#   sm80       the fused-linear suites on the CUDA tier with FUSEDOPS_GEMM_PATH=sm80: the
-#              sm_80 (mma.sync) GEMM forced on this GPU                 -> sm80.log
+#   sm80       the fused-linear and conv suites on the CUDA tier with FUSEDOPS_GEMM_PATH=sm80
+#              and FUSEDOPS_CONV_PATH=sm80: the sm_80 (mma.sync) GEMM and implicit-GEMM
+#              convolution forced on this GPU                          -> sm80.log
 #   sanitizer  compute-sanitizer --tool memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) on
 #              python -m pytest $SANITIZER_TESTS -m "not large"         -> sanitizer.log
 #              (the op tests: on a CUDA machine every parity test runs on the GPU)
@@ -84,7 +85,7 @@ RACECHECK_TESTS=(tests/test_linear_cuda_gemm.py tests/test_attention_cuda.py
     tests/test_conv_cuda.py -m "not large" -k
     "(127x65x129 and bfloat16 and gelu) or transposed or (ragged_and_grouped and 3x6x1)
      or (against_float64 and float16 and s2)")
-NCU_WORKLOADS="gemm gemm_sm80 torch_mm linear_gelu attention sdpa_flash"
+NCU_WORKLOADS="gemm gemm_sm80 torch_mm linear_gelu attention sdpa_flash conv conv_sm80 cudnn_conv"
 
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(all)
@@ -221,8 +222,9 @@ fi
 if [ $want_sm80 = 1 ]; then
     : >"$OUT/sm80.log"
     # The tier fixture's "cuda" cases of the fused-linear suites, on the forced sm_80 kernel.
-    run_stage sm80 240 sm80.log env FUSEDOPS_GEMM_PATH=sm80 "$PYTHON" -m pytest \
-        tests/test_linear.py tests/test_linear_cross_entropy.py -m "gpu or not gpu" -k cuda \
+    run_stage sm80 300 sm80.log env FUSEDOPS_GEMM_PATH=sm80 FUSEDOPS_CONV_PATH=sm80 \
+        "$PYTHON" -m pytest tests/test_linear.py tests/test_linear_cross_entropy.py \
+        tests/test_conv.py tests/test_conv_cuda.py -m "gpu or not gpu" -k cuda \
         -q -ra -p no:cacheprovider --junitxml="$WORK/junit-sm80.xml"
 fi
 

@@ -22,7 +22,8 @@ import argparse
 import os
 import sys
 
-WORKLOADS = ("gemm", "gemm_sm80", "linear_gelu", "torch_mm", "attention", "sdpa_flash")
+WORKLOADS = ("gemm", "gemm_sm80", "linear_gelu", "torch_mm", "attention", "sdpa_flash", "conv",
+             "conv_sm80", "cudnn_conv")
 
 
 def main(argv=None) -> int:
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.workload == "gemm_sm80":
         os.environ["FUSEDOPS_GEMM_PATH"] = "sm80"
+    if args.workload == "conv_sm80":
+        os.environ["FUSEDOPS_CONV_PATH"] = "sm80"
 
     import torch
 
@@ -64,6 +67,21 @@ def main(argv=None) -> int:
                     out = torch.nn.functional.scaled_dot_product_attention(q, k, v,
                                                                            is_causal=True)
             torch.autograd.grad(out, (q, k, v), grad)
+    elif args.workload in ("conv", "conv_sm80", "cudnn_conv"):
+        # A ResNet-50 3x3 layer (conv4_x: 256 channels at 14 x 14), batch 256, channels_last,
+        # forward with bias + ReLU and the backward.
+        cl = dict(memory_format=torch.channels_last)
+        x = torch.randn(256, 256, 14, 14, **bf16).to(**cl).requires_grad_()
+        w = (torch.randn(256, 256, 3, 3, **bf16) / 48).to(**cl).requires_grad_()
+        b = torch.randn(256, **bf16, requires_grad=True)
+        grad = torch.randn(256, 256, 14, 14, **bf16).to(**cl)
+        for _ in range(args.repeat):
+            if args.workload == "cudnn_conv":
+                out = torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))
+            else:
+                with fusedops.use_backend("cuda"):
+                    out = fusedops.conv2d(x, w, b, padding=1, activation="relu")
+            torch.autograd.grad(out, (x, w, b), grad)
     else:
         x = torch.randn(16384, 4096, **bf16, requires_grad=True)
         w = (torch.randn(4096, 4096, **bf16) / 64).requires_grad_()
