@@ -8,7 +8,7 @@
 // sm_80 and for compute_80 PTX, and its sm_90a kernels guard their bodies with
 // FUSEDOPS_SM90A_ENABLED.
 //
-// Shared-memory operand layout (the only one these kernels use): 128-byte swizzle, as TMA
+// Shared-memory operand layout of the TMA-fed kernels (the GEMM, attention): 128-byte swizzle,
 // writes it with CU_TENSOR_MAP_SWIZZLE_128B into a 1024-byte aligned buffer. A box whose
 // inner extent is 64 16-bit elements (128 bytes) lands as rows of 128 bytes, the 16-byte
 // chunk c of row r stored at chunk c ^ (r % 8); 8 rows form a 1024-byte "swizzle atom".
@@ -24,6 +24,11 @@
 // MN-major operand (rows along K, 64 M/N-elements per 128-byte row, one TMA box per 64
 //   M/N-elements): LBO = the distance between those 64-element column blocks, SBO = 1024
 //   (from 8 K-rows to the next 8); the k-th 16-row K step starts 16 * 128 = 2048 bytes on.
+// The implicit-GEMM convolution (../conv/conv_implicit_gemm_sm90.cu) fills its stages with
+// cp.async instead of TMA and uses make_smem_descriptor, which takes the swizzle mode: its
+// K-major tiles have 64-byte rows (the 64-byte swizzle, mode 2: chunk c of row r at
+// c ^ ((r / 2) % 4), repeating every 8 rows = 512 bytes, so SBO = 512 and LBO unused) and its
+// MN-major tiles are the 128-byte layout above.
 #pragma once
 
 #include <cstdint>
@@ -162,6 +167,24 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* p, uint32_t lead
   const uint64_t address = smem_address(p);
   return ((address & 0x3FFFF) >> 4) | (static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16) |
          (static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32) | (kSwizzle128B << 62);
+}
+
+// Swizzle modes of bits 62-63 (PTX ISA, "Matrix Descriptor Format"): 0 none, 1 128-byte,
+// 2 64-byte, 3 32-byte.
+constexpr uint64_t kSwizzle64B = 2;
+
+// The descriptor of an operand tile at shared-state-space address `address` (16-byte
+// aligned; the tile's swizzle pattern must start on its own repeat, 1024 bytes for the
+// 128-byte mode and 512 for the 64-byte one, so the base offset field stays 0), with the
+// swizzle mode `swizzle` (kSwizzle128B, kSwizzle64B). __host__ too, so a host model can check
+// the kernels' descriptor arithmetic.
+__host__ __device__ __forceinline__ uint64_t make_smem_descriptor(uint32_t address,
+                                                                  uint32_t leading_bytes,
+                                                                  uint32_t stride_bytes,
+                                                                  uint64_t swizzle) {
+  return ((address & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32) | ((swizzle & 3) << 62);
 }
 
 // Orders the warpgroup's register accesses before the wgmma instructions that follow.

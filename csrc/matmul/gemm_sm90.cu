@@ -50,6 +50,7 @@
 #include "../common/tensor_map.h"
 #include "epilogue.cuh"
 #include "gemm.h"
+#include "wgmma.cuh"
 
 // The sm_80 and compute_80 passes compile the kernel body out (FUSEDOPS_SM90A_ENABLED), which
 // leaves the constants and helpers below unused there: not worth a warning per pass.
@@ -129,72 +130,6 @@ __device__ __forceinline__ uint64_t operand_descriptor(const uint8_t* stage, int
   }
 }
 
-// d (64 x 128 float32 of one warpgroup) (+)= A_tile(64 x 32 bytes of k) @ B_tile(128 x 32
-// bytes of k)^T: k16 for 16-bit types, k8 for tf32.
-template <typename T, bool kAMnMajor, bool kBMnMajor>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a,
-                                                 uint64_t desc_b, uint32_t accumulate) {
-#if FUSEDOPS_SM90A_ENABLED
-  constexpr int kTransA = kAMnMajor ? 1 : 0;
-  constexpr int kTransB = kBMnMajor ? 1 : 0;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n"
-        ".reg .pred accumulate;\n"
-        "setp.ne.b32 accumulate, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, accumulate, 1, 1, %67, %68;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
-  } else if constexpr (std::is_same_v<T, float>) {  // tf32: K-major operands only
-    asm volatile(
-        "{\n"
-        ".reg .pred accumulate;\n"
-        "setp.ne.b32 accumulate, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, accumulate, 1, 1;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n"
-        ".reg .pred accumulate;\n"
-        "setp.ne.b32 accumulate, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, accumulate, 1, 1, %67, %68;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
-  }
-#endif
-}
-
 template <typename T, bool kAMnMajor, bool kBMnMajor>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap map_a,
@@ -258,7 +193,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // A consumer: rows [warpgroup * 64, warpgroup * 64 + 64) of every tile.
   hopper::claim_registers<kConsumerRegisters>();
-  const int warp = thread / 32;
   const int lane = thread % 32;
   float* my_staging = staging + warpgroup * kConsumerRows * kTileLd;
   float d[64];
@@ -276,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       hopper::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kRowBytes / kStepBytes; ++kk) {
-        wgmma_m64n128k16<T, kAMnMajor, kBMnMajor>(
+        hopper::wgmma_m64n128k16<T, kAMnMajor, kBMnMajor>(
             d, operand_descriptor<kAMnMajor>(a_stage, warpgroup * kConsumerRows, kk),
             operand_descriptor<kBMnMajor>(b_stage, 0, kk), (kb > 0 || kk > 0) ? 1u : 0u);
       }
@@ -295,21 +229,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) {
       hopper::mbarrier_arrive(&empty[previous_stage]);
     }
-#pragma unroll
-    for (int i = 0; i < 64; ++i) hopper::fence_register(d[i]);
-
-    // The accumulator layout of wgmma m64nNk16: warp w of the warpgroup holds rows
-    // 16w + lane/4 (registers 4j, 4j+1) and 16w + lane/4 + 8 (4j+2, 4j+3), at columns
-    // 8j + 2 (lane % 4) and the one after.
-    const int row = warp * 16 + lane / 4;
-    const int col = 2 * (lane % 4);
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      *reinterpret_cast<float2*>(my_staging + row * kTileLd + 8 * j + col) =
-          make_float2(d[4 * j], d[4 * j + 1]);
-      *reinterpret_cast<float2*>(my_staging + (row + 8) * kTileLd + 8 * j + col) =
-          make_float2(d[4 * j + 2], d[4 * j + 3]);
-    }
+    static_assert(kBlockN == 128 && kConsumerRows == 64, "one m64n128 accumulator per consumer");
+    hopper::spill_m64n128(my_staging, d, thread);
     hopper::named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
     epilogue_store_tile<T, kConsumerRows, kBlockN, kWarpgroupThreads>(
         my_staging, thread, at.m0 + warpgroup * kConsumerRows, at.n0, params, vectorizable);
