@@ -8,8 +8,8 @@
 // sm_80 and for compute_80 PTX, and its sm_90a kernels guard their bodies with
 // FUSEDOPS_SM90A_ENABLED.
 //
-// Shared-memory operand layout of the TMA-fed kernels (the GEMM, attention): 128-byte swizzle,
-// writes it with CU_TENSOR_MAP_SWIZZLE_128B into a 1024-byte aligned buffer. A box whose
+// Shared-memory operand layout of the TMA-fed kernels (GEMM, attention): 128-byte swizzle, as
+// TMA writes it with CU_TENSOR_MAP_SWIZZLE_128B into a 1024-byte aligned buffer. A box whose
 // inner extent is 64 16-bit elements (128 bytes) lands as rows of 128 bytes, the 16-byte
 // chunk c of row r stored at chunk c ^ (r % 8); 8 rows form a 1024-byte "swizzle atom".
 // The wgmma descriptor of such a buffer (PTX ISA, "Matrix Descriptor Format"):
