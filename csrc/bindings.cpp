@@ -836,15 +836,21 @@ ConvGeometry conv_geometry(const at::Tensor& input, int64_t in_channels, int64_t
   return g;
 }
 
-GemmType conv_type(const char* op, const at::Tensor& input, bool depthwise) {
+// float32: the depthwise kernel computes it exactly; the implicit GEMM only in tf32, so only
+// where the caller allows tf32 (torch.backends.cudnn.allow_tf32, as for cuDNN's convs): it
+// has no full-precision float32 path, and the op says so rather than round silently.
+GemmType conv_type(const char* op, const at::Tensor& input, bool depthwise, bool allow_tf32) {
   if (input.scalar_type() == at::kFloat) {
-    TORCH_CHECK(depthwise, op, ": the CUDA implicit-GEMM convolution takes float16 and "
-                "bfloat16 (float32 runs on the Triton or torch tier)");
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        depthwise || allow_tf32, op,
+        ": float32 needs allow_tf32 (the CUDA implicit-GEMM convolution multiplies float32 in "
+        "tf32; torch.backends.cudnn.allow_tf32 = True allows it, else float32 runs on the "
+        "Triton or torch tier)");
     return GemmType::kFloat32;
   }
   TORCH_CHECK(input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16, op,
-              ": the CUDA convolution takes float16 and bfloat16 (and float32 depthwise), got ",
-              input.scalar_type());
+              ": the CUDA convolution takes float16, bfloat16 and float32 (tf32; exact "
+              "depthwise), got ", input.scalar_type());
   return input.scalar_type() == at::kHalf ? GemmType::kFloat16 : GemmType::kBFloat16;
 }
 
@@ -906,7 +912,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd_cuda(
   check_conv(op, input, weight, groups);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool depthwise = groups != 1;
-  const GemmType type = conv_type(op, input, depthwise);
+  const GemmType type = conv_type(op, input, depthwise, allow_tf32);
   const Activation activation = parse_activation(op, activation_name);
   const bool keep_preact = saves_preactivation(activation);
   const int64_t channels = input.size(1), features = weight.size(0);
@@ -972,7 +978,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_bwd_cuda(
   check_conv(op, input, weight, groups);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool depthwise = groups != 1;
-  const GemmType type = conv_type(op, input, depthwise);
+  const GemmType type = conv_type(op, input, depthwise, allow_tf32);
   const Activation activation = parse_activation(op, activation_name);
   const int64_t batch = input.size(0), channels = input.size(1), features = weight.size(0);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == batch && grad_out.size(1) == features &&

@@ -42,7 +42,8 @@ def skip_unsupported(tier, dtype, groups=1, channels=None):
     if tier == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
         pytest.skip("bfloat16 tl.dot is wrong in Triton's interpreter; covered on the GPU")
     if tier == "cuda" and dtype == torch.float32 and not (groups != 1 and groups == channels):
-        pytest.skip("the CUDA implicit-GEMM kernels take float16 and bfloat16 only")
+        pytest.skip("the CUDA implicit-GEMM kernels multiply float32 only in tf32, which these "
+                    "full-precision tests switch off (test_conv_cuda.py runs tf32)")
     if (tier == "triton" and groups != 1 and groups == channels
             and importlib.util.find_spec("fusedops.triton_kernels.conv_depthwise") is None):
         pytest.skip("the Triton depthwise kernel has not landed yet")
@@ -50,7 +51,8 @@ def skip_unsupported(tier, dtype, groups=1, channels=None):
 
 def tier_float(tier):
     """The dtype of the tests below that use float32: float16 on the CUDA tier, whose
-    implicit-GEMM kernels take 16-bit inputs only (compared at float16's tolerance there)."""
+    implicit-GEMM kernels multiply float32 only in tf32, off here (compared at float16's
+    tolerance there)."""
     return torch.float16 if tier == "cuda" else torch.float32
 
 
@@ -402,6 +404,30 @@ def test_tf32_follows_cudnn_allow_tf32(monkeypatch):
                          f"allow_tf32={allowed}", factor)
             fusedops.conv2d(x.half(), weight.half(), padding=1)   # tf32 is about float32
             assert seen[-1] is False
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
+def test_cuda_tier_takes_float32_only_with_tf32():
+    """The CUDA tier's conv2d_unsupported: float32 through the implicit GEMM (tf32 only) is
+    declined, naming torch.backends.cudnn.allow_tf32, unless that allows tf32; depthwise
+    float32 (exact) and the 16-bit types are never declined for their dtype."""
+    cuda = fusedops.dispatch.TIERS["cuda"]
+    x = torch.randn(1, 8, 5, 5)
+    w = torch.randn(4, 8, 3, 3)
+    depthwise_w = torch.randn(8, 1, 3, 3)
+    previous = torch.backends.cudnn.allow_tf32
+    try:
+        for allowed in (False, True):
+            torch.backends.cudnn.allow_tf32 = allowed
+            reason = cuda.conv2d_unsupported(x, w, None, None, 1, "none")
+            assert ("allow_tf32" in reason) is not allowed, reason
+            for args in ((x, depthwise_w, None, None, 8, "relu"),
+                         (x.half(), w.half(), None, None, 1, "none")):
+                reason = cuda.conv2d_unsupported(*args)
+                assert "allow_tf32" not in reason and "float" not in reason, reason
+        # Only the device keeps these CPU tensors from the tier once tf32 is allowed.
+        assert "not on a CUDA device" in cuda.conv2d_unsupported(x, w, None, None, 1, "none")
     finally:
         torch.backends.cudnn.allow_tf32 = previous
 

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 
 
 def tier_float(tier):
-    """float16 on the CUDA tier (its implicit-GEMM kernels take 16-bit inputs only, compared
-    at float16's tolerance), float32 elsewhere."""
+    """float16 on the CUDA tier (its implicit-GEMM kernels multiply float32 only in tf32,
+    which these full-precision tests switch off; compared at float16's tolerance), float32
+    elsewhere."""
     return torch.float16 if tier == "cuda" else torch.float32
 
 

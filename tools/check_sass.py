@@ -45,6 +45,8 @@ HMMA = r"^HMMA\b"
 HGMMA = r"^HGMMA\b"
 UTMALDG = r"^UTMALDG\b"
 LDSM = r"^LDSM\b"
+LDS_32 = r"^LDS\s"
+HMMA_TF32 = r"^HMMA\.1688\.F32\.TF32\b"
 LDGSTS = r"^LDGSTS\b"
 
 
@@ -88,10 +90,24 @@ EXPECTATIONS: tuple[Expectation, ...] = (
     Expectation("attention backward dQ (deterministic) sm_80", r"\battention_bwd_dq_kernel<",
                 BOTH_ARCHES, 12, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM),
                                   ("cp.async", LDGSTS))),
-    # Convolution, sm_80 implicit GEMM: 2 dtypes x (forward, input grad, weight grad).
+    # Convolution, sm_80 implicit GEMM: 3 dtypes (float32 in tf32) x (forward, input grad,
+    # weight grad). float32's MN-major operands (dgrad's B, both of wgrad's) are read with
+    # ld.shared, not ldmatrix: its weight grad has no ldmatrix at all.
     Expectation("conv implicit GEMM sm_80 (mma.sync + cp.async)", r"\bconv_sm80_kernel<",
-                BOTH_ARCHES, 6, (("tensor-core MMA", HMMA), ("ldmatrix", LDSM),
-                                 ("cp.async", LDGSTS))),
+                BOTH_ARCHES, 9, (("tensor-core MMA", HMMA), ("cp.async", LDGSTS))),
+    Expectation("conv implicit GEMM sm_80, ldmatrix operands",
+                r"\bconv_sm80_kernel<(?!float, \(fusedops::conv_gemm::ConvOp\)2>)",
+                BOTH_ARCHES, 8, (("ldmatrix", LDSM),)),
+    Expectation("conv implicit GEMM sm_80, float32 (tf32)", r"\bconv_sm80_kernel<float,",
+                BOTH_ARCHES, 3, (("tf32 tensor-core MMA", HMMA_TF32),)),
+    Expectation("conv implicit GEMM sm_80, float32 MN-major operands (ld.shared.b32)",
+                r"\bconv_sm80_kernel<float, \(fusedops::conv_gemm::ConvOp\)[12]>",
+                BOTH_ARCHES, 2, (("32-bit shared loads", LDS_32),)),
+    # Convolution, sm_90a implicit GEMM (wgmma fed by the same cp.async gathers): 2 dtypes x
+    # (forward, input grad, weight grad) + the float32 (tf32) forward; checked on sm_90a only
+    # (the sm_80 build has it too, with an empty trapping body).
+    Expectation("conv implicit GEMM sm_90a (wgmma + cp.async)", r"\bconv_sm90_kernel<",
+                ("sm_90a",), 7, (("warpgroup MMA", HGMMA), ("cp.async", LDGSTS))),
     # Depthwise, memory-bound: 3 dtypes; 16-byte accesses along channels.
     Expectation("depthwise conv forward", r"\bdw_fwd_kernel<", BOTH_ARCHES, 3,
                 (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),

@@ -39,9 +39,11 @@ struct ConvGeometry {
 };
 
 // Forward, groups == 1: out = act(conv(x, w) + bias + residual), the epilogue of gemm.h.
-// type kFloat16 / kBFloat16 (float32 is not this tier's yet). x (N, H, W, C),
-// w (K, R, S, C), out and residual / preact (N, P, Q, K), all dense NHWC; C and K multiples
-// of 8.
+// type kFloat16, kBFloat16 or kFloat32, which the implicit-GEMM kernels multiply in tf32
+// (operands rounded to tf32, products accumulated in float32): the caller runs float32 here
+// only where tf32 is allowed (torch.backends.cudnn.allow_tf32; bindings.cpp refuses it
+// otherwise). The same holds for dgrad and wgrad below. x (N, H, W, C), w (K, R, S, C), out
+// and residual / preact (N, P, Q, K), all dense NHWC; C and K multiples of 8.
 struct ConvFwdParams {
   ConvGeometry geometry;
   GemmType type;

@@ -22,6 +22,7 @@
 #include "../matmul/epilogue.cuh"
 #include "../matmul/gemm.h"
 #include "conv.h"
+#include "conv_gather.cuh"
 #include "conv_implicit_gemm.h"
 
 namespace fusedops {
@@ -188,8 +189,10 @@ static_assert(static_cast<int>(GemmType::kFloat16) == 0 &&
                   static_cast<int>(GemmType::kFloat32) == 2,
               "the launcher tables are indexed by GemmType");
 
+// float32 is multiplied in tf32 (conv.h): the caller has checked that it may be.
 bool type_ok(GemmType type) {
-  return type == GemmType::kFloat16 || type == GemmType::kBFloat16;
+  return type == GemmType::kFloat16 || type == GemmType::kBFloat16 ||
+         type == GemmType::kFloat32;
 }
 
 // Runs `op` on the asked path: kAuto takes sm_90a where this build and the device have it and
@@ -253,15 +256,23 @@ cudaError_t conv_dgrad(const ConvDgradParams& params, GemmPath path, cudaStream_
       !aligned16(params.dz) || !aligned16(params.weight)) {
     return cudaErrorInvalidValue;
   }
+  // One GEMM per stride phase (conv_gather.cuh's top comment): m and depth are the phase's;
+  // stride 1 is one phase, the whole (N*H*W, R*S*K) GEMM.
   ConvKernelParams p = kernel_params(g);
-  p.m = g.batch * g.in_h * g.in_w;
   p.n = g.in_channels;
-  p.depth = static_cast<int>(int64_t{g.kernel_h} * g.kernel_w * g.out_channels);
   p.act = params.dz;
   p.other = params.weight;
-  p.epi = plain_epilogue(params.type, params.grad_input, p.m, p.n);
-  p.epi.k = p.depth;
-  return run(ConvOp::kDgrad, params.type, p, 1, path, stream, ran);
+  const int64_t element_bytes = params.type == GemmType::kFloat32 ? 4 : 2;
+  const int64_t grad_input_bytes =
+      g.batch * g.in_h * g.in_w * g.in_channels * element_bytes;
+  return conv_gemm::dgrad_for_each_phase(
+      p,
+      [&] { return cudaMemsetAsync(params.grad_input, 0, grad_input_bytes, stream); },
+      [&](ConvKernelParams phase) {
+        phase.epi = plain_epilogue(params.type, params.grad_input, phase.m, phase.n);
+        phase.epi.k = phase.depth;
+        return run(ConvOp::kDgrad, params.type, phase, 1, path, stream, ran);
+      });
 }
 
 cudaError_t conv_wgrad(const ConvWgradParams& params, GemmPath path, cudaStream_t stream,

@@ -32,6 +32,17 @@ struct ConvKernelParams {
   const void* act;       // fwd, wgrad: x; dgrad: dz
   const void* other;     // fwd, dgrad: w; wgrad: dz
   GemmParams epi;        // the epilogue's view (out, ld, bias, residual, activation)
+  // dgrad: the stride phase one launch covers (conv_gather.cuh's top comment; stride 1 is
+  // the one phase of every pixel and tap). GEMM row (n, i, j), n-major, is input pixel
+  // (n, phase_h0 + i*stride_h, phase_w0 + j*stride_w) with i < phase_rows, j < phase_cols.
+  // Depth (t_r, t_s, k), k fastest, with t_r < phase_taps_h, t_s < phase_taps_w, is the
+  // weight tap r*S + s = phase_tap0 + t_r*phase_tap_step_r + t_s*phase_tap_step_s (the
+  // phase's taps are r = r0 + t_r*r_step, s = s0 + t_s*s_step: phase_tap0 = r0*S + s0, and
+  // the steps r_step*S and s_step, 0 where the phase has one tap along the axis). Row i at
+  // t_r reads dz row phase_oh0 + i - t_r*phase_oh_step (columns likewise).
+  int phase_h0, phase_w0, phase_rows, phase_cols;
+  int phase_taps_h, phase_taps_w, phase_tap0, phase_tap_step_r, phase_tap_step_s;
+  int phase_oh0, phase_ow0, phase_oh_step, phase_ow_step;
 };
 
 // The k blocks (of `block_k` depth) a CTA runs: the whole depth for fwd and dgrad, its own

@@ -6,6 +6,15 @@
 // that no im2col matrix is ever materialized. It also runs on sm_90, where
 // conv_implicit_gemm_sm90.cu's wgmma kernels take what they cover.
 //
+// float32 inputs are multiplied in tf32 (mma.sync m16n8k8, operands rounded with
+// cvt.rna.tf32.f32, float32 accumulation; 128 x 128 x 16 tiles, the same 64 KB ring): the
+// caller allows it as torch allows cuDNN to (conv.h). The forward's operands are K-major
+// (ldmatrix, as the GEMM's float32); dgrad's B and both of wgrad's operands are MN-major,
+// which ldmatrix.trans cannot transpose for 32-bit elements, so gemm_sm80_tile.cuh reads
+// those fragments one float per lane with ld.shared.b32 from a layout swizzled for it, with
+// the warps' fragments of such an operand interleaved (a_fragment_row, b_fragment_col) so
+// that one or two address registers serve them; the spill follows the same placement.
+//
 // Left for a GPU to tune (nothing here has been measured): the tile shape for small K or C
 // (a 64-wide tile for K = 64 layers), block_k = 64, an incremental pixel decode for wgrad
 // instead of two divisions per block, and the split count's target.
@@ -44,9 +53,11 @@ struct Sm80Layout {
 // The tile, warp and pipeline shape, the shared-memory layout, the fragment loads, the MMA
 // step and the accumulator spill are gemm_sm80's (gemm_sm80_tile.cuh; gemm_sm80.cu's top
 // comment explains the swizzles, the fragment layouts and the register / shared-memory
-// budget), 16-bit types only.
-constexpr int kBlockK = block_k<__half>();  // 32
-static_assert(kBlockK == 32 && kKMajorRowStep * 2 == kTileRows && kMnMajorKStep * 2 == kBlockK,
+// budget; gemm_sm80_tile.cuh the float32 MN-major tiles).
+static_assert(block_k<__half>() == 32 && block_k<float>() == 16 &&
+                  kKMajorRowStep * 2 == kTileRows &&
+                  mn_major_k_step<__half>() * 2 == block_k<__half>() &&
+                  mn_major_k_step<float>() * 2 == block_k<float>(),
               "2 chunks each");
 
 template <typename T, ConvOp kOp>
@@ -115,8 +126,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   float acc[kFragsM][kFragsN][4];
   zero_accumulators(acc);
 
-  const uint32_t a_offset0 = a_ldmatrix_offset0<T, kAMnMajor>(lane, warp);
-  const uint32_t b_offset0 = b_ldmatrix_offset0<T, kBMnMajor>(lane, warp);
+  const uint32_t a_offset0 = a_fragment_offset0<T, kAMnMajor>(lane, warp);
+  const uint32_t b_offset0 = b_fragment_offset0<T, kBMnMajor>(lane, warp);
 
   int read_stage = 0;
   int write_stage = kStages - 1;
@@ -144,7 +155,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   __syncthreads();  // every warp is done reading the ring: it becomes the staging tile
 
   float* staging = reinterpret_cast<float*>(smem);
-  spill_accumulators(staging, acc, warp, lane);
+  spill_accumulators<kScalarFragments<T, kAMnMajor>, kScalarFragments<T, kBMnMajor>>(
+      staging, acc, warp, lane);
   __syncthreads();
   if constexpr (kOp == ConvOp::kWgrad) {
     // This split's partials: workspace[split] as a (K, R*S*C) float32 matrix.
@@ -189,20 +201,28 @@ cudaError_t launch_conv(const ConvKernelParams& params, int splits, cudaStream_t
   return cudaGetLastError();
 }
 
-// The instantiations, all in one place: [op][type] (kFloat32 has none: refused), and the
-// reduction per type.
+// The instantiations, all in one place: [op][GemmType] (float32 in tf32).
 using ConvLauncher = cudaError_t (*)(const ConvKernelParams&, int, cudaStream_t);
-constexpr ConvLauncher kConvLaunchers[3][2] = {
-    {launch_conv<__half, ConvOp::kFwd>, launch_conv<__nv_bfloat16, ConvOp::kFwd>},
-    {launch_conv<__half, ConvOp::kDgrad>, launch_conv<__nv_bfloat16, ConvOp::kDgrad>},
-    {launch_conv<__half, ConvOp::kWgrad>, launch_conv<__nv_bfloat16, ConvOp::kWgrad>}};
+constexpr ConvLauncher kConvLaunchers[3][3] = {
+    {launch_conv<__half, ConvOp::kFwd>, launch_conv<__nv_bfloat16, ConvOp::kFwd>,
+     launch_conv<float, ConvOp::kFwd>},
+    {launch_conv<__half, ConvOp::kDgrad>, launch_conv<__nv_bfloat16, ConvOp::kDgrad>,
+     launch_conv<float, ConvOp::kDgrad>},
+    {launch_conv<__half, ConvOp::kWgrad>, launch_conv<__nv_bfloat16, ConvOp::kWgrad>,
+     launch_conv<float, ConvOp::kWgrad>}};
+static_assert(static_cast<int>(GemmType::kFloat16) == 0 &&
+                  static_cast<int>(GemmType::kBFloat16) == 1 &&
+                  static_cast<int>(GemmType::kFloat32) == 2,
+              "kConvLaunchers is indexed by GemmType");
 }  // namespace
 
 namespace conv_gemm {
 
 cudaError_t conv_sm80_launch(ConvOp op, GemmType type, const ConvKernelParams& params,
                              int splits, cudaStream_t stream) {
-  if (type != GemmType::kFloat16 && type != GemmType::kBFloat16) return cudaErrorInvalidValue;
+  if (type != GemmType::kFloat16 && type != GemmType::kBFloat16 && type != GemmType::kFloat32) {
+    return cudaErrorInvalidValue;
+  }
   return kConvLaunchers[static_cast<int>(op)][static_cast<int>(type)](params, splits, stream);
 }
 

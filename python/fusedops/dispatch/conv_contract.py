@@ -25,7 +25,9 @@ dilation_w, out_h, out_w, groups, activation, out_channels_last, allow_tf32)
   (the caller keeps ``out`` for relu), the pre-activation ``z`` laid out like ``out`` for
   "gelu", "gelu_tanh" and "silu".
 * ``allow_tf32``: float32 products may use tf32 tensor cores (the caller decides it as torch
-  decides for cuDNN convolutions, ``torch.backends.cudnn.allow_tf32``).
+  decides for cuDNN convolutions, ``torch.backends.cudnn.allow_tf32``). A tier whose float32
+  kernels multiply only in tf32 (the CUDA tier's implicit GEMM) declines float32 without it:
+  its ``conv2d_unsupported`` says so, and its ops raise NotImplementedError if called anyway.
 
 ``conv2d_bwd(grad_out, input, weight, saved, <the geometry above>, groups, activation,
 allow_tf32, needs_input_grad, needs_weight_grad, needs_bias_grad, needs_preact_grad)

@@ -185,7 +185,15 @@ def attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
 
 # --- fused convolution (conv_contract.py; csrc/conv/) ------------------------------------
 
-_CONV_DTYPES = (torch.float16, torch.bfloat16)
+_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@assume_constant_result
+def _conv_allow_tf32() -> bool:
+    """torch.backends.cudnn.allow_tf32 as fusedops.conv2d reads it (and, like it, baked in at
+    trace time under torch.compile)."""
+    from fusedops.ops.conv import allow_tf32  # at call time: fusedops.ops imports dispatch
+    return allow_tf32()
 
 
 def conv2d_unsupported(input, weight, bias, residual, groups, activation) -> str | None:
@@ -200,9 +208,13 @@ def conv2d_unsupported(input, weight, bias, residual, groups, activation) -> str
     pixels = input.shape[0] * input.shape[2] * input.shape[3]
     if pixels >= 2 ** 31:  # pixel indices are 32-bit in the kernels (offsets are 64-bit)
         return f"{pixels} input pixels (the kernels take fewer than 2**31)"
-    if input.dtype not in _CONV_DTYPES and not (depthwise and input.dtype == torch.float32):
-        return (f"{input.dtype} input: the CUDA convolution takes float16 and bfloat16 "
-                "(and float32 for depthwise)")
+    if input.dtype not in _CONV_DTYPES:
+        return (f"{input.dtype} input: the CUDA convolution takes float16, bfloat16 and "
+                "float32")
+    if input.dtype == torch.float32 and not depthwise and not _conv_allow_tf32():
+        return ("float32 at full precision: the CUDA implicit-GEMM convolution multiplies "
+                "float32 only in tf32 (torch.backends.cudnn.allow_tf32 = True allows that; "
+                "the depthwise kernel is exact)")
     if input.device.type != "cuda":
         return f"the tensors are on {input.device}, not on a CUDA device"
     return None
