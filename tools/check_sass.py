@@ -108,6 +108,14 @@ EXPECTATIONS: tuple[Expectation, ...] = (
     # (the sm_80 build has it too, with an empty trapping body).
     Expectation("conv implicit GEMM sm_90a (wgmma + cp.async)", r"\bconv_sm90_kernel<",
                 ("sm_90a",), 7, (("warpgroup MMA", HGMMA), ("cp.async", LDGSTS))),
+    # The input gradient's plain store (conv_gather.cuh's dgrad_store_tile): 16-byte runs of
+    # channels in both kernel families (sm_80: 3 dtypes; sm_90a: the 16-bit ones).
+    Expectation("conv implicit GEMM sm_80 input grad, 128-bit stores",
+                r"\bconv_sm80_kernel<[^,]+, \(fusedops::conv_gemm::ConvOp\)1>", BOTH_ARCHES, 3,
+                (("128-bit global stores", STG_128),)),
+    Expectation("conv implicit GEMM sm_90a input grad, 128-bit stores",
+                r"\bconv_sm90_kernel<[^,]+, \(fusedops::conv_gemm::ConvOp\)1>", ("sm_90a",), 2,
+                (("128-bit global stores", STG_128),)),
     # Depthwise, memory-bound: 3 dtypes; 16-byte accesses along channels.
     Expectation("depthwise conv forward", r"\bdw_fwd_kernel<", BOTH_ARCHES, 3,
                 (("128-bit global loads", LDG_128), ("128-bit global stores", STG_128))),

@@ -97,8 +97,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 
 #include "../common/ampere.cuh"
+#include "../common/dtype.cuh"
 #include "../matmul/epilogue.cuh"
 #include "../matmul/gemm.h"
 #include "../matmul/gemm_sm80_tile.cuh"
@@ -421,10 +423,18 @@ __device__ __forceinline__ void dgrad_store_tile(const float* tile, int thread, 
     const int64_t row = row0 + r;
     const int64_t col = col0 + c;
     if (row >= p.m || col >= p.n) continue;
-    Run<T> values;
-#pragma unroll
-    for (int e = 0; e < kEpilogueRun; ++e) values[e] = from_float<T>(tile[r * kTileLd + c + e]);
-    store_run(out + dgrad_pixel(p, row) * p.n + col, values);
+    const float4 lo = *reinterpret_cast<const float4*>(tile + r * kTileLd + c);
+    const float4 hi = *reinterpret_cast<const float4*>(tile + r * kTileLd + c + 4);
+    T* to = out + dgrad_pixel(p, row) * p.n + col;
+    // 16-bit types: packed by hand into one 16-byte st.global.cg; a plain 16-byte assignment
+    // here compiled to four 32-bit stores.
+    if constexpr (std::is_same_v<T, float>) {
+      reinterpret_cast<float4*>(to)[0] = lo;
+      reinterpret_cast<float4*>(to)[1] = hi;
+    } else {
+      __stcg(reinterpret_cast<uint4*>(to), make_uint4(pack2<T>(lo.x, lo.y), pack2<T>(lo.z, lo.w),
+                                                      pack2<T>(hi.x, hi.y), pack2<T>(hi.z, hi.w)));
+    }
   }
 }
 
