@@ -26,6 +26,12 @@ CASES = [
     ((3, 64, 14, 14), 128, 1, 2, 0, 1, 1),   # 1x1, stride 2 (ResNet downsample)
     ((2, 12, 13, 11), 24, 3, 1, 1, 1, 12),   # depthwise, multiplier 2
     ((2, 32, 16, 16), 32, 5, 2, 2, 1, 32),   # depthwise 5x5, stride 2
+    # dgrad's stride phases (conv_gather.cuh): 1x1 stride 4 (15 of 16 phases have no tap:
+    # zeroed by one memset), stride 3 with dilation 2, and a 1x1 stride-4 pad-1 layer on a
+    # 3x3 input where no input pixel meets a tap at all.
+    ((1, 16, 13, 13), 8, 1, 4, 0, 1, 1),
+    ((2, 8, 17, 16), 16, 3, 3, 2, 2, 1),
+    ((1, 8, 3, 3), 8, 1, 4, 1, 1, 1),
 ]
 
 
@@ -186,3 +192,63 @@ def test_float32_without_tf32_is_declined(cuda_tier, tf32_off):
         out = fusedops.conv2d(x, dw, padding=1, groups=8)
     assert_close(out, F.conv2d(x.double(), dw.double(), padding=1, groups=8), torch.float32,
                  "depthwise float32 without tf32")
+
+
+# (N, C, H, W), K, kernel, stride, padding, dilation: implicit-GEMM cases (groups == 1) for
+# the sm_90a vs sm_80 comparison; several k blocks and more than one tile both ways.
+PATH_CASES = [
+    ((2, 64, 15, 17), 136, 3, 1, 1, 1),
+    ((2, 40, 16, 15), 72, 3, 2, 1, 1),
+    ((1, 24, 19, 18), 40, (3, 5), (2, 1), (2, 0), (2, 1)),
+]
+
+
+def run_on_path(monkeypatch, path, x, w, b, stride, padding, dilation):
+    """Forward (bias + gelu) and the three gradients on one forced implicit-GEMM path."""
+    monkeypatch.setenv("FUSEDOPS_CONV_PATH", path)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    with fusedops.use_backend("cuda"):
+        out = fusedops.conv2d(*leaves, stride, padding, dilation, activation="gelu")
+    torch.manual_seed(1)
+    out.backward(torch.randn_like(out))
+    return out.detach(), *(t.grad for t in leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", PATH_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-k{c[2]}-s{c[3]}")
+def test_sm90_against_sm80_and_float64(cuda_tier, monkeypatch, case, dtype):
+    """The sm_90a (wgmma) kernels against float64 and against the forced sm_80 ones."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a convolution kernels need an sm_90 device")
+    shape, features, kernel, stride, padding, dilation = case
+    kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=CL)
+    fan_in = shape[1] * kernel[0] * kernel[1]
+    w = (torch.randn(features, shape[1], *kernel, device="cuda") / fan_in**0.5).to(dtype)
+    b = torch.randn(features, device="cuda", dtype=dtype)
+    sm90 = run_on_path(monkeypatch, "sm90", x, w, b, stride, padding, dilation)
+    sm80 = run_on_path(monkeypatch, "sm80", x, w, b, stride, padding, dilation)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = F.gelu(F.conv2d(*leaves64, stride=stride, padding=padding, dilation=dilation))
+    torch.manual_seed(1)
+    ref.backward(torch.randn_like(sm90[0]).double())
+    names = ("output", "grad of input", "grad of weight", "grad of bias")
+    for name, mine, theirs, expected in zip(names, sm90, sm80,
+                                            (ref.detach(), *(t.grad for t in leaves64))):
+        assert_close(mine, expected, dtype, f"sm_90a {name}")
+        assert_close(mine, theirs.double(), dtype, f"sm_90a vs sm_80 {name}", factor=2)
+
+
+def test_forced_sm90_refuses_what_it_does_not_cover(cuda_tier, tf32_allowed, monkeypatch):
+    """float32's gradients have no sm_90a kernel (wgmma has no transposed tf32 operand): forced,
+    the path says so; on auto they run on sm_80."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a convolution kernels need an sm_90 device")
+    x = torch.randn(1, 8, 9, 9, device="cuda", requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, device="cuda", requires_grad=True)
+    monkeypatch.setenv("FUSEDOPS_CONV_PATH", "sm90")
+    with fusedops.use_backend("cuda"):
+        out = fusedops.conv2d(x, w, padding=1)  # the tf32 forward is covered
+        with pytest.raises(RuntimeError, match="FUSEDOPS_CONV_PATH=sm90"):
+            out.sum().backward()
