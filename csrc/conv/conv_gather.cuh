@@ -438,6 +438,68 @@ __device__ __forceinline__ void dgrad_store_tile(const float* tile, int thread, 
   }
 }
 
+// ---- Around the gathers: what both kernel families do the same way ----
+
+// The gather and the operand majors of each op, for a kernel's shared-memory Layout.
+template <typename T, ConvOp kOp, typename Layout>
+struct ConvOpTraits;
+template <typename T, typename Layout>
+struct ConvOpTraits<T, ConvOp::kFwd, Layout> {
+  using Gather = FwdGather<T, Layout>;
+  static constexpr bool kAMnMajor = false, kBMnMajor = false;
+};
+template <typename T, typename Layout>
+struct ConvOpTraits<T, ConvOp::kDgrad, Layout> {
+  using Gather = DgradGather<T, Layout>;
+  static constexpr bool kAMnMajor = false, kBMnMajor = true;
+};
+template <typename T, typename Layout>
+struct ConvOpTraits<T, ConvOp::kWgrad, Layout> {
+  using Gather = WgradGather<T, Layout>;
+  static constexpr bool kAMnMajor = true, kBMnMajor = true;
+};
+
+// The CTA's gather for the tile at (row0, col0); wgrad's also takes its split (grid y).
+template <typename T, ConvOp kOp, typename Layout>
+__device__ __forceinline__ typename ConvOpTraits<T, kOp, Layout>::Gather make_gather(
+    const ConvKernelParams& p, int64_t row0, int64_t col0, int thread) {
+  using Gather = typename ConvOpTraits<T, kOp, Layout>::Gather;
+  if constexpr (kOp == ConvOp::kWgrad) {
+    return Gather(p, row0, col0, thread, static_cast<int>(blockIdx.y));
+  } else {
+    return Gather(p, row0, col0, thread);
+  }
+}
+
+// The CTA's output tile from the float32 staging tile (row stride COLS + kTilePad): the fused
+// epilogue for the forward, dgrad_store_tile for grad_input, and for wgrad this split's
+// float32 partials, workspace[split] as a (K, R*S*C) matrix.
+template <typename T, ConvOp kOp, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void store_conv_tile(const float* staging, int thread, int64_t row0,
+                                                int64_t col0, const ConvKernelParams& p,
+                                                bool vectorizable) {
+  if constexpr (kOp == ConvOp::kWgrad) {
+    GemmParams epi = p.epi;
+    epi.out = static_cast<float*>(epi.out) + blockIdx.y * p.split_floats;
+    epilogue_store_tile<float, ROWS, COLS, THREADS>(staging, thread, row0, col0, epi,
+                                                    vectorizable);
+  } else if constexpr (kOp == ConvOp::kDgrad) {
+    dgrad_store_tile<T, ROWS, COLS, THREADS>(staging, thread, row0, col0, p);
+  } else {
+    epilogue_store_tile<T, ROWS, COLS, THREADS>(staging, thread, row0, col0, p.epi,
+                                                vectorizable);
+  }
+}
+
+// The launch grid of `params`: its 128 x 128 output tiles (grid x; tile_position's uint32
+// arithmetic needs no more than 2**31 of them) by `splits` (grid y).
+inline bool conv_grid(const ConvKernelParams& params, int splits, int tile, dim3& grid) {
+  const int64_t tiles = ((params.m + tile - 1) / tile) * ((params.n + tile - 1) / tile);
+  if (tiles > INT32_MAX) return false;
+  grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  return true;
+}
+
 // ---- dgrad's stride phases on the host (conv_dgrad; a host model runs them too) ----
 
 // More phases with pixels but no tap than this are zeroed by one memset instead of a launch

@@ -61,25 +61,7 @@ static_assert(block_k<__half>() == 32 && block_k<float>() == 16 &&
               "2 chunks each");
 
 template <typename T, ConvOp kOp>
-struct OpTraits;
-template <typename T>
-struct OpTraits<T, ConvOp::kFwd> {
-  using Gather = conv_gemm::FwdGather<T, Sm80Layout>;
-  using Out = T;
-  static constexpr bool kAMnMajor = false, kBMnMajor = false;
-};
-template <typename T>
-struct OpTraits<T, ConvOp::kDgrad> {
-  using Gather = conv_gemm::DgradGather<T, Sm80Layout>;
-  using Out = T;
-  static constexpr bool kAMnMajor = false, kBMnMajor = true;
-};
-template <typename T>
-struct OpTraits<T, ConvOp::kWgrad> {
-  using Gather = conv_gemm::WgradGather<T, Sm80Layout>;
-  using Out = float;  // the split's partials
-  static constexpr bool kAMnMajor = true, kBMnMajor = true;
-};
+using OpTraits = conv_gemm::ConvOpTraits<T, kOp, Sm80Layout>;
 
 // ---- The kernels ----
 
@@ -104,13 +86,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t col0 = static_cast<int64_t>(tile_n) * kBlockN;
 
   const int k_blocks = conv_gemm::conv_k_blocks(params, kOp, blockIdx.y, block_k<T>());
-  typename Traits::Gather gather = [&] {
-    if constexpr (kOp == ConvOp::kWgrad) {
-      return typename Traits::Gather(params, row0, col0, thread, static_cast<int>(blockIdx.y));
-    } else {
-      return typename Traits::Gather(params, row0, col0, thread);
-    }
-  }();
+  auto gather = conv_gemm::make_gather<T, kOp, Sm80Layout>(params, row0, col0, thread);
   auto load_block = [&](int stage) {
     const uint32_t a_tile = smem_base + stage * kStageBytes;
     gather.load(params, a_tile, a_tile + kOperandBytes, thread);
@@ -158,19 +134,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   spill_accumulators<kScalarFragments<T, kAMnMajor>, kScalarFragments<T, kBMnMajor>>(
       staging, acc, warp, lane);
   __syncthreads();
-  if constexpr (kOp == ConvOp::kWgrad) {
-    // This split's partials: workspace[split] as a (K, R*S*C) float32 matrix.
-    GemmParams epi = params.epi;
-    epi.out = static_cast<float*>(epi.out) + blockIdx.y * params.split_floats;
-    epilogue_store_tile<float, kBlockM, kBlockN, kThreads>(staging, thread, row0, col0, epi,
-                                                           vectorizable);
-  } else if constexpr (kOp == ConvOp::kDgrad) {
-    conv_gemm::dgrad_store_tile<T, kBlockM, kBlockN, kThreads>(staging, thread, row0, col0,
-                                                              params);
-  } else {
-    epilogue_store_tile<T, kBlockM, kBlockN, kThreads>(staging, thread, row0, col0,
-                                                       params.epi, vectorizable);
-  }
+  conv_gemm::store_conv_tile<T, kOp, kBlockM, kBlockN, kThreads>(staging, thread, row0, col0,
+                                                                 params, vectorizable);
 }
 
 template <typename Kernel>
@@ -191,11 +156,8 @@ cudaError_t launch_conv(const ConvKernelParams& params, int splits, cudaStream_t
   auto kernel = conv_sm80_kernel<T, kOp>;
   static std::atomic<uint64_t> configured_devices{0};
   FUSEDOPS_RETURN_IF_ERROR(configure(kernel, configured_devices));
-  const int64_t tiles =
-      ((params.m + kBlockM - 1) / kBlockM) * ((params.n + kBlockN - 1) / kBlockN);
-  // blockIdx.x numbers the tiles (and tile_position's uint32 arithmetic needs no more).
-  if (tiles > INT32_MAX) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  dim3 grid;
+  if (!conv_gemm::conv_grid(params, splits, kBlockM, grid)) return cudaErrorInvalidValue;
   const bool vectorizable = epilogue_vectorizable(params.epi);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(params, vectorizable);
   return cudaGetLastError();

@@ -172,22 +172,7 @@ __host__ __device__ __forceinline__ uint64_t operand_descriptor(uint32_t tile, i
 }
 
 template <typename T, ConvOp kOp>
-struct OpTraits;
-template <typename T>
-struct OpTraits<T, ConvOp::kFwd> {
-  using Gather = conv_gemm::FwdGather<T, Sm90Layout>;
-  static constexpr bool kAMnMajor = false, kBMnMajor = false;
-};
-template <typename T>
-struct OpTraits<T, ConvOp::kDgrad> {
-  using Gather = conv_gemm::DgradGather<T, Sm90Layout>;
-  static constexpr bool kAMnMajor = false, kBMnMajor = true;
-};
-template <typename T>
-struct OpTraits<T, ConvOp::kWgrad> {
-  using Gather = conv_gemm::WgradGather<T, Sm90Layout>;
-  static constexpr bool kAMnMajor = true, kBMnMajor = true;
-};
+using OpTraits = conv_gemm::ConvOpTraits<T, kOp, Sm90Layout>;
 
 // ---- The kernel ----
 
@@ -216,13 +201,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t col0 = static_cast<int64_t>(tile_n) * kBlockN;
 
   const int k_blocks = conv_gemm::conv_k_blocks(params, kOp, blockIdx.y, block_k<T>());
-  typename Traits::Gather gather = [&] {
-    if constexpr (kOp == ConvOp::kWgrad) {
-      return typename Traits::Gather(params, row0, col0, thread, static_cast<int>(blockIdx.y));
-    } else {
-      return typename Traits::Gather(params, row0, col0, thread);
-    }
-  }();
+  auto gather = conv_gemm::make_gather<T, kOp, Sm90Layout>(params, row0, col0, thread);
   // The gather walks the k blocks in order, one per call.
   auto load_block = [&](int stage) {
     const uint32_t a_tile = smem_base + static_cast<uint32_t>(stage * kStageBytes);
@@ -271,19 +250,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   hopper::spill_m64n128(staging + warpgroup * kWarpgroupRows * kTileLd, d,
                         thread % kWarpgroupThreads);
   __syncthreads();
-  if constexpr (kOp == ConvOp::kWgrad) {
-    // This split's partials: workspace[split] as a (K, R*S*C) float32 matrix.
-    GemmParams epi = params.epi;
-    epi.out = static_cast<float*>(epi.out) + blockIdx.y * params.split_floats;
-    epilogue_store_tile<float, kBlockM, kBlockN, kThreads>(staging, thread, row0, col0, epi,
-                                                           vectorizable);
-  } else if constexpr (kOp == ConvOp::kDgrad) {
-    conv_gemm::dgrad_store_tile<T, kBlockM, kBlockN, kThreads>(staging, thread, row0, col0,
-                                                              params);
-  } else {
-    epilogue_store_tile<T, kBlockM, kBlockN, kThreads>(staging, thread, row0, col0, params.epi,
-                                                       vectorizable);
-  }
+  conv_gemm::store_conv_tile<T, kOp, kBlockM, kBlockN, kThreads>(staging, thread, row0, col0,
+                                                                 params, vectorizable);
 #else
   (void)params, (void)vectorizable;
   __trap();  // built without sm_90a code: conv_sm90_runs is false then, nothing launches this
@@ -307,11 +275,8 @@ cudaError_t launch_conv(const ConvKernelParams& params, int splits, cudaStream_t
         kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
     configured_devices.fetch_or(bit, std::memory_order_relaxed);
   }
-  const int64_t tiles =
-      ((params.m + kBlockM - 1) / kBlockM) * ((params.n + kBlockN - 1) / kBlockN);
-  // blockIdx.x numbers the tiles (and tile_position's uint32 arithmetic needs no more).
-  if (tiles > INT32_MAX) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  dim3 grid;
+  if (!conv_gemm::conv_grid(params, splits, kBlockM, grid)) return cudaErrorInvalidValue;
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(params, epilogue_vectorizable(params.epi));
   return cudaGetLastError();
 }
