@@ -62,7 +62,7 @@ struct ConvDgradParams {
   GemmType type;
   const void* dz;             // (N, P, Q, K)
   const void* weight;         // (K, R, S, C)
-  void* grad_input;           // (N, H, W, C), every element written
+  void* grad_input;           // (N, H, W, C), 16-byte aligned, every element written
 };
 
 // grad_weight (K, R, S, C) = dz^T @ im2col(x), in float32 `workspace` partials (split over

@@ -253,7 +253,7 @@ cudaError_t conv_dgrad(const ConvDgradParams& params, GemmPath path, cudaStream_
   const ConvGeometry& g = params.geometry;
   if (!geometry_ok(g) || !type_ok(params.type)) return cudaErrorInvalidValue;
   if (params.dz == nullptr || params.weight == nullptr || params.grad_input == nullptr ||
-      !aligned16(params.dz) || !aligned16(params.weight)) {
+      !aligned16(params.dz) || !aligned16(params.weight) || !aligned16(params.grad_input)) {
     return cudaErrorInvalidValue;
   }
   // One GEMM per stride phase (conv_gather.cuh's top comment): m and depth are the phase's;
