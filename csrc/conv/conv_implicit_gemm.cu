@@ -10,7 +10,6 @@
 // its float32 partial tile to workspace[split] with plain stores (no atomics, no zeroing);
 // then wgrad_reduce_kernel sums the splits in order 0, 1, ... per element and casts to the
 // weight's type: the result is bitwise the same for the same inputs and the same path.
-#include <atomic>
 #include <cstdint>
 
 #include <cuda_bf16.h>
